@@ -1,0 +1,320 @@
+//! Customers and their API keys.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use fatura_core::Currency;
+use fatura_store::{ApiKeyRecord, Customer};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::events::service_error;
+use crate::AppState;
+use crate::auth::Admin;
+use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::service::Billing;
+use rust_decimal::Decimal;
+use std::str::FromStr;
+
+/// A customer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CustomerOut {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Billing currency (ISO 4217).
+    pub currency: String,
+    /// `prepaid` or `postpaid`.
+    pub billing_mode: String,
+    /// Postpaid monthly spend limit (USD), if any.
+    pub monthly_spend_limit: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<Customer> for CustomerOut {
+    fn from(c: Customer) -> Self {
+        CustomerOut {
+            id: c.id,
+            name: c.name,
+            currency: c.currency.code().to_string(),
+            billing_mode: if c.prepaid { "prepaid" } else { "postpaid" }.to_string(),
+            monthly_spend_limit: c.monthly_spend_limit.map(|d| d.to_string()),
+            created_at: c.created_at,
+        }
+    }
+}
+
+/// Request to create a customer.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCustomer {
+    /// Optional id (1–64 of `[A-Za-z0-9-_.:/@]`); generated as `cus_…` when absent.
+    pub id: Option<String>,
+    /// Display name.
+    pub name: String,
+    /// `USD` (default), `BRL` or `EUR`.
+    pub currency: Option<String>,
+    /// `postpaid` (default) or `prepaid` (gateway calls reserve against the wallet).
+    pub billing_mode: Option<String>,
+    /// Postpaid only: decimal string, the most the customer's calls may cost per UTC month
+    /// (USD); calls that could exceed it get 402.
+    pub monthly_spend_limit: Option<String>,
+}
+
+/// Changes to a customer.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateCustomer {
+    /// Postpaid only: the monthly spend limit (decimal string, USD), or null to remove it.
+    #[serde(default, deserialize_with = "present")]
+    pub monthly_spend_limit: Option<Option<String>>,
+}
+
+/// Distinguishes an absent field (`None`) from an explicit null (`Some(None)`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Ok(Some(Option::deserialize(d)?))
+}
+
+fn parse_limit(v: Option<&str>) -> Result<Option<Decimal>, ApiError> {
+    v.map(|s| {
+        Decimal::from_str(s.trim()).map_err(|_| {
+            ApiError::unprocessable(
+                "invalid_request",
+                "monthly_spend_limit: must be a decimal string such as \"500.00\"",
+                Vec::new(),
+            )
+        })
+    })
+    .transpose()
+}
+
+/// Customer list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CustomerList {
+    /// Customers by id.
+    pub data: Vec<CustomerOut>,
+}
+
+/// An API key as listed (never the secret).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyOut {
+    /// Key id, used to revoke it.
+    pub id: String,
+    /// Owner.
+    pub customer_id: String,
+    /// First characters of the key.
+    pub prefix: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<ApiKeyRecord> for ApiKeyOut {
+    fn from(k: ApiKeyRecord) -> Self {
+        ApiKeyOut {
+            id: k.id,
+            customer_id: k.customer_id,
+            prefix: k.prefix,
+            created_at: k.created_at,
+            revoked_at: k.revoked_at,
+        }
+    }
+}
+
+/// A newly created key: `key` is shown here once and never again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedApiKey {
+    /// Key id.
+    pub id: String,
+    /// Owner.
+    pub customer_id: String,
+    /// The secret key. Store it now: fatura keeps only its hash.
+    pub key: String,
+    /// First characters of the key.
+    pub prefix: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Key list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyList {
+    /// Keys, oldest first.
+    pub data: Vec<ApiKeyOut>,
+}
+
+/// Creates a customer.
+#[utoipa::path(post, path = "/v1/customers", tag = "customers", request_body = CreateCustomer,
+    responses((status = 201, body = CustomerOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 409, description = "Id taken", body = ErrorBody),
+              (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_customer(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ApiJson(req): ApiJson<CreateCustomer>,
+) -> Result<(StatusCode, ApiJson<CustomerOut>), ApiError> {
+    let currency = match req.currency.as_deref() {
+        None => Currency::Usd,
+        Some(c) => c
+            .parse::<Currency>()
+            .map_err(|e| ApiError::unprocessable("invalid_currency", e.to_string(), Vec::new()))?,
+    };
+    let prepaid = match req.billing_mode.as_deref() {
+        None | Some("postpaid") => false,
+        Some("prepaid") => true,
+        Some(other) => {
+            return Err(ApiError::unprocessable(
+                "invalid_billing_mode",
+                format!("billing_mode must be prepaid or postpaid, got {other:?}"),
+                Vec::new(),
+            ));
+        }
+    };
+    let customer = state
+        .fatura
+        .create_customer(
+            req.id.as_deref(),
+            &req.name,
+            currency,
+            Billing {
+                prepaid,
+                monthly_spend_limit: parse_limit(req.monthly_spend_limit.as_deref())?,
+            },
+            Utc::now(),
+        )
+        .await
+        .map_err(service_error)?;
+    Ok((StatusCode::CREATED, ApiJson(customer.into())))
+}
+
+/// Lists customers.
+#[utoipa::path(get, path = "/v1/customers", tag = "customers",
+    responses((status = 200, body = CustomerList), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_customers(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<ApiJson<CustomerList>, ApiError> {
+    let list = state
+        .fatura
+        .store()
+        .list_customers()
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(ApiJson(CustomerList {
+        data: list.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Changes a customer (for now: the monthly spend limit).
+#[utoipa::path(patch, path = "/v1/customers/{id}", tag = "customers", request_body = UpdateCustomer,
+    params(("id" = String, Path, description = "Customer id")),
+    responses((status = 200, body = CustomerOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update_customer(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateCustomer>,
+) -> Result<ApiJson<CustomerOut>, ApiError> {
+    let mut customer = state.fatura.customer(&id).await.map_err(service_error)?;
+    if let Some(limit) = req.monthly_spend_limit {
+        let limit = parse_limit(limit.as_deref())?;
+        customer = state
+            .fatura
+            .set_spend_limit(&id, limit)
+            .await
+            .map_err(service_error)?;
+        // Cached keys carry the limit: drop them so the change applies at once.
+        state.keys.forget(None, Some(&id));
+    }
+    Ok(ApiJson(customer.into()))
+}
+
+/// One customer.
+#[utoipa::path(get, path = "/v1/customers/{id}", tag = "customers", params(("id" = String, Path, description = "Customer id")),
+    responses((status = 200, body = CustomerOut), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_customer(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<ApiJson<CustomerOut>, ApiError> {
+    let c = state.fatura.customer(&id).await.map_err(service_error)?;
+    Ok(ApiJson(c.into()))
+}
+
+/// Creates an API key for a customer; the key is in this response only.
+#[utoipa::path(post, path = "/v1/customers/{id}/keys", tag = "customers", params(("id" = String, Path, description = "Customer id")),
+    responses((status = 201, body = CreatedApiKey), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_key(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, ApiJson<CreatedApiKey>), ApiError> {
+    let k = state
+        .fatura
+        .create_api_key(&id, Utc::now())
+        .await
+        .map_err(service_error)?;
+    Ok((
+        StatusCode::CREATED,
+        ApiJson(CreatedApiKey {
+            id: k.record.id,
+            customer_id: k.record.customer_id,
+            key: k.key,
+            prefix: k.record.prefix,
+            created_at: k.record.created_at,
+        }),
+    ))
+}
+
+/// Lists a customer's keys (without secrets).
+#[utoipa::path(get, path = "/v1/customers/{id}/keys", tag = "customers", params(("id" = String, Path, description = "Customer id")),
+    responses((status = 200, body = ApiKeyList), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_keys(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<ApiJson<ApiKeyList>, ApiError> {
+    state.fatura.customer(&id).await.map_err(service_error)?;
+    let keys = state
+        .fatura
+        .store()
+        .list_api_keys(&id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(ApiJson(ApiKeyList {
+        data: keys.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Revokes a key.
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "customers", params(("id" = String, Path, description = "Key id")),
+    responses((status = 204, description = "Revoked"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .fatura
+        .revoke_api_key(&id, Utc::now())
+        .await
+        .map_err(service_error)?;
+    // The revoked key stops working on this instance at once.
+    state.keys.forget(Some(&id), None);
+    Ok(StatusCode::NO_CONTENT)
+}

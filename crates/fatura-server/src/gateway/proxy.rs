@@ -1,0 +1,915 @@
+//! The gateway's handlers: `POST /v1/chat/completions`, `POST /v1/embeddings`,
+//! `GET /v1/models`.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use fatura_core::event::check_tag;
+use fatura_core::{CustomerId, EventId, TokenUsage, UsageEvent};
+use futures_util::Stream;
+use rand::RngCore;
+use serde_json::{Map, Value, json};
+use std::future::Future;
+
+use super::Gateway;
+use super::config::{UpstreamConfig, UpstreamKind};
+use super::estimate::{count_chat_prompt, count_embedding_input, count_text};
+use super::wire::{ReportedUsage, SseSplitter, StreamItem, classify, parse_usage};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::metrics::{GatewayLabels, Metrics, TokenLabels};
+use crate::service::Fatura;
+use crate::wallet::{Reservation, WalletBook};
+use rust_decimal::Decimal;
+
+/// Header prefix of analytics tags; never forwarded upstream.
+pub const TAG_HEADER_PREFIX: &str = "x-fatura-tag-";
+/// Response header carrying the gateway's request id (the usage event id).
+pub const REQUEST_ID_HEADER: &str = "x-fatura-request-id";
+/// Most bytes kept per stream for token estimation (beyond it, estimates undercount).
+const MAX_ESTIMATE_TEXT: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Embeddings,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+}
+
+/// What a budgeted call reserves against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    /// A prepaid customer's wallet (charged with the event).
+    Wallet,
+    /// A postpaid customer's monthly spend limit (USD).
+    MonthlyLimit(Decimal),
+}
+
+/// A reservation that is released if the call ends without being settled.
+#[derive(Debug)]
+struct ReservationGuard {
+    book: Arc<WalletBook>,
+    reservation: Option<Reservation>,
+    /// Prepaid: the settled price is charged to the wallet with the event.
+    charge_wallet: bool,
+}
+
+impl ReservationGuard {
+    async fn settle(mut self, actual: Decimal) {
+        if let Some(r) = self.reservation.take() {
+            self.book.settle(r, actual).await;
+        }
+    }
+
+    fn amount(&self) -> Decimal {
+        self.reservation
+            .as_ref()
+            .map_or(Decimal::ZERO, Reservation::amount)
+    }
+}
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            let book = self.book.clone();
+            tokio::spawn(async move { book.release(r).await });
+        }
+    }
+}
+
+/// Everything needed to write the usage event of one call.
+#[derive(Debug)]
+struct CallContext {
+    gateway: Arc<Gateway>,
+    metrics: Arc<Metrics>,
+    request_id: String,
+    customer_id: String,
+    timestamp: DateTime<Utc>,
+    upstream: String,
+    provider: String,
+    requested_model: String,
+    tags: BTreeMap<String, String>,
+    request: Value,
+    endpoint: Endpoint,
+    fatura: Arc<Fatura>,
+    reservation: Option<ReservationGuard>,
+}
+
+impl CallContext {
+    /// Builds and queues the usage event (settling a prepaid reservation to the call's
+    /// price). Without reported usage, counts are estimated.
+    async fn meter(
+        mut self,
+        usage: Option<ReportedUsage>,
+        model: Option<String>,
+        completion_text: String,
+    ) {
+        let Some(mut event) = self.event(usage, model, &completion_text) else {
+            return;
+        };
+        if let Some(guard) = self.reservation.take() {
+            let actual = self
+                .price_of(&event)
+                .await
+                .unwrap_or_else(|| guard.amount());
+            if guard.charge_wallet {
+                event.prepaid_charge = Some(actual);
+            }
+            guard.settle(actual).await;
+        }
+        self.gateway.meter.record(event).await;
+    }
+
+    fn meter_detached(
+        self,
+        usage: Option<ReportedUsage>,
+        model: Option<String>,
+        completion_text: String,
+    ) {
+        tokio::spawn(self.meter(usage, model, completion_text));
+    }
+
+    /// The customer's price of the call: at the reported model's price, else at the
+    /// requested model's.
+    async fn price_of(&self, event: &UsageEvent) -> Option<Decimal> {
+        for model in [&event.model, &self.requested_model] {
+            if let Ok(Some(p)) = self
+                .fatura
+                .quote(&event.provider, model, event.timestamp, &event.usage)
+                .await
+            {
+                return Some(p.revenue);
+            }
+        }
+        None
+    }
+
+    fn event(
+        &self,
+        usage: Option<ReportedUsage>,
+        model: Option<String>,
+        completion_text: &str,
+    ) -> Option<UsageEvent> {
+        let estimated = usage.is_none();
+        let u = usage.unwrap_or_else(|| ReportedUsage {
+            prompt: match self.endpoint {
+                Endpoint::Chat => count_chat_prompt(&self.request),
+                Endpoint::Embeddings => count_embedding_input(&self.request),
+            },
+            completion: count_text(completion_text),
+            ..Default::default()
+        });
+        // Upstreams are outside input: clamp parts to totals rather than lose the call.
+        let cached = u.cached.min(u.prompt);
+        let cache_write = u.cache_write.min(u.prompt - cached);
+        let reasoning = u.reasoning.min(u.completion);
+        let built = (|| -> Result<UsageEvent, String> {
+            let usage = TokenUsage::new(u.prompt, u.completion, cached, cache_write, reasoning, 1)
+                .map_err(|e| e.to_string())?;
+            let model = model
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| self.requested_model.clone());
+            UsageEvent::new(
+                EventId::parse(&self.request_id).map_err(|e| e.to_string())?,
+                CustomerId::parse(&self.customer_id).map_err(|e| e.to_string())?,
+                self.timestamp,
+                self.provider.clone(),
+                model,
+                usage,
+                self.tags.clone(),
+                u.cost.filter(|c| !c.is_sign_negative()),
+            )
+            .and_then(|e| e.served_by(&self.upstream, estimated))
+            .map_err(|e| e.to_string())
+        })();
+        match built {
+            Ok(e) => {
+                let m = &self.metrics;
+                m.gateway_tokens
+                    .get_or_create(&TokenLabels {
+                        kind: "input".into(),
+                    })
+                    .inc_by(u.prompt);
+                m.gateway_tokens
+                    .get_or_create(&TokenLabels {
+                        kind: "output".into(),
+                    })
+                    .inc_by(u.completion);
+                if let Some(c) = u.cost.and_then(|c| c.to_string().parse::<f64>().ok()) {
+                    m.gateway_cost_usd.inc_by(c);
+                }
+                Some(e)
+            }
+            Err(err) => {
+                tracing::error!(request_id = %self.request_id, error = %err, "cannot build the usage event");
+                None
+            }
+        }
+    }
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn tags_from(
+    headers: &HeaderMap,
+    request: &Map<String, Value>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut tags = BTreeMap::new();
+    for (name, value) in headers {
+        if let Some(tag) = name.as_str().strip_prefix(TAG_HEADER_PREFIX) {
+            let value = value.to_str().map_err(|_| {
+                ApiError::bad_request("invalid_tag", format!("tag header {name} is not text"))
+            })?;
+            tags.insert(tag.to_string(), value.to_string());
+        }
+    }
+    if let Some(user) = request.get("user").and_then(Value::as_str) {
+        tags.insert("user".to_string(), user.to_string());
+    }
+    for (k, v) in &tags {
+        check_tag(k, v).map_err(|e| ApiError::bad_request("invalid_tag", e.to_string()))?;
+    }
+    Ok(tags)
+}
+
+fn outcome(metrics: &Metrics, upstream: &str, outcome: &str) {
+    metrics
+        .gateway_requests
+        .get_or_create(&GatewayLabels {
+            upstream: upstream.to_string(),
+            outcome: outcome.to_string(),
+        })
+        .inc();
+}
+
+fn upstream_body(
+    request: &Map<String, Value>,
+    upstream: &UpstreamConfig,
+    stream: bool,
+    inject_usage: bool,
+) -> Result<Bytes, ApiError> {
+    let mut body = request.clone();
+    if inject_usage {
+        let opts = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Some(o) = opts.as_object_mut() {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    if stream && upstream.kind == UpstreamKind::Openrouter && !body.contains_key("usage") {
+        // OpenRouter's usage accounting: reports `cost` in the final usage chunk.
+        body.insert("usage".into(), json!({"include": true}));
+    }
+    if upstream.strip_model_prefix
+        && let Some(Value::String(m)) = body.get_mut("model")
+        && let Some((_, rest)) = m.split_once('/')
+    {
+        *m = rest.to_string();
+    }
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::internal(&e))
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match proxy(state, caller, headers, body, Endpoint::Chat).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// `POST /v1/embeddings`.
+pub async fn embeddings(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match proxy(state, caller, headers, body, Endpoint::Embeddings).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn passthrough(
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    request_id: &str,
+    body: Body,
+) -> Response {
+    let mut builder = Response::builder().status(status);
+    if let Some(ct) = content_type {
+        builder = builder.header(header::CONTENT_TYPE, ct);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        builder = builder.header(REQUEST_ID_HEADER, v);
+    }
+    builder
+        .body(body)
+        .unwrap_or_else(|e| ApiError::internal(&e).into_response())
+}
+
+async fn proxy(
+    state: AppState,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Result<Response, Response> {
+    let started = Instant::now();
+    let gateway = state.gateway.clone().ok_or_else(|| {
+        ApiError::not_found("the gateway is not configured on this server").into_response()
+    })?;
+    let (customer_id, budget) = match caller {
+        Caller::Customer {
+            customer_id,
+            prepaid,
+            spend_limit,
+            ..
+        } => (
+            customer_id,
+            match (prepaid, spend_limit) {
+                (true, _) => Some(Budget::Wallet),
+                (false, Some(limit)) => Some(Budget::MonthlyLimit(limit)),
+                (false, None) => None,
+            },
+        ),
+        Caller::Admin => {
+            return Err(ApiError::forbidden(
+                "the gateway is called with a customer API key, not the admin key",
+            )
+            .into_response());
+        }
+    };
+    // Load shedding: held until the answer (or the stream) ends.
+    let Ok(permit) = gateway.slots.clone().try_acquire_owned() else {
+        outcome(&state.metrics, "none", "overloaded");
+        return Err(ApiError::overloaded(
+            "the gateway is at its limit of calls in flight; retry shortly",
+        ));
+    };
+    let body = body.map_err(|e| ApiError::from(e).into_response())?;
+    let request: Map<String, Value> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("request body must be a JSON object: {e}"),
+        )
+        .into_response()
+    })?;
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request("missing_model", "\"model\" is required").into_response()
+        })?
+        .to_string();
+    let stream =
+        endpoint == Endpoint::Chat && request.get("stream").and_then(Value::as_bool) == Some(true);
+    let client_wants_usage = request
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    let inject_usage = stream && !client_wants_usage;
+    let tags = tags_from(&headers, &request).map_err(IntoResponse::into_response)?;
+    let chain: Vec<UpstreamConfig> = gateway
+        .config
+        .chain_for(&model)
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no route for model {model:?}"))
+                .with_code("model_not_found")
+                .into_response()
+        })?
+        .into_iter()
+        .cloned()
+        .collect();
+    let request_id = format!("gw_{}", random_hex(12));
+    let timestamp = Utc::now();
+    let metrics = state.metrics.clone();
+    let mut reservation = match budget {
+        Some(budget) => Some(
+            reserve(
+                &state,
+                &gateway,
+                &customer_id,
+                budget,
+                &request,
+                &model,
+                &chain,
+                endpoint,
+                timestamp,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
+    let mut last_failure: Option<Response> = None;
+    // Time spent waiting on upstreams (to their headers, and for a JSON body); the rest of
+    // the handler's time is the overhead the gateway adds.
+    let mut upstream_wait = Duration::ZERO;
+    for (i, upstream) in chain.iter().enumerate() {
+        let is_last = i + 1 == chain.len();
+        let bytes = upstream_body(&request, upstream, stream, inject_usage)
+            .map_err(IntoResponse::into_response)?;
+        let url = format!(
+            "{}{}",
+            upstream.base_url.trim_end_matches('/'),
+            endpoint.path()
+        );
+        let mut req = gateway
+            .client
+            .post(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(bytes);
+        if let Some(key) = gateway.keys.get(&upstream.name) {
+            req = req.bearer_auth(key);
+        }
+        let sent = Instant::now();
+        let result = tokio::time::timeout(gateway.config.first_byte_timeout(), req.send()).await;
+        let waited = sent.elapsed();
+        metrics.upstream_latency.observe(waited.as_secs_f64());
+        upstream_wait += waited;
+        let response = match result {
+            Err(_) => {
+                tracing::warn!(upstream = %upstream.name, "upstream timed out before the first byte");
+                outcome(&metrics, &upstream.name, "timeout");
+                last_failure = Some(
+                    ApiError::gateway_timeout(format!("upstream {} timed out", upstream.name))
+                        .into_response(),
+                );
+                continue;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %upstream.name, error = %e, "upstream connection failed");
+                outcome(&metrics, &upstream.name, "connection_error");
+                last_failure = Some(
+                    ApiError::bad_gateway(format!("upstream {} is unreachable", upstream.name))
+                        .into_response(),
+                );
+                continue;
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        if (status.as_u16() == 429 || status.is_server_error()) && !is_last {
+            outcome(&metrics, &upstream.name, "fallback");
+            continue;
+        }
+        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+        let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        if !status.is_success() {
+            // Passed through as the upstream sent it; no usage to meter.
+            outcome(&metrics, &upstream.name, "upstream_error");
+            let bytes = response.bytes().await.unwrap_or_default();
+            return Ok(passthrough(
+                status,
+                content_type,
+                &request_id,
+                Body::from(bytes),
+            ));
+        }
+        let ctx = CallContext {
+            gateway: gateway.clone(),
+            metrics: metrics.clone(),
+            request_id: request_id.clone(),
+            customer_id: customer_id.clone(),
+            timestamp,
+            upstream: upstream.name.clone(),
+            provider: upstream.catalog_provider(),
+            requested_model: model.clone(),
+            tags: tags.clone(),
+            request: Value::Object(request.clone()),
+            endpoint,
+            fatura: state.fatura.clone(),
+            reservation: reservation.take(),
+        };
+        outcome(&metrics, &upstream.name, "ok");
+        if stream {
+            let idle_after = Duration::from_millis(gateway.config.stream_idle_timeout_ms);
+            metrics.gateway_overhead.observe(
+                started
+                    .elapsed()
+                    .saturating_sub(upstream_wait)
+                    .as_secs_f64(),
+            );
+            let metered = MeteredStream::new(
+                Box::pin(response.bytes_stream()),
+                ctx,
+                inject_usage,
+                permit,
+                idle_after,
+            );
+            return Ok(passthrough(
+                status,
+                content_type,
+                &request_id,
+                Body::from_stream(metered),
+            ));
+        }
+        // The upstream has answered (and will bill us): reading the body and metering run
+        // in their own task, which completes even if this handler is cancelled (the client
+        // hung up, a timeout fired).
+        let upstream_name = upstream.name.clone();
+        let metering = tokio::spawn(async move {
+            let body_started = Instant::now();
+            let body = response.bytes().await;
+            let waited = body_started.elapsed();
+            match body {
+                Ok(bytes) => {
+                    let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+                    let usage = parsed.as_ref().and_then(|v| parse_usage(&v["usage"]));
+                    let reported_model = parsed
+                        .as_ref()
+                        .and_then(|v| v["model"].as_str().map(str::to_string));
+                    let text: String = parsed
+                        .as_ref()
+                        .and_then(|v| v["choices"].as_array())
+                        .map(|cs| {
+                            cs.iter()
+                                .filter_map(|c| c["message"]["content"].as_str())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    ctx.meter(usage, reported_model, text).await;
+                    Ok((bytes, waited))
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = %upstream_name, error = %e, "upstream body failed");
+                    ctx.meter(None, None, String::new()).await;
+                    Err(upstream_name)
+                }
+            }
+        });
+        let bytes = match metering.await {
+            Ok(Ok((bytes, waited))) => {
+                upstream_wait += waited;
+                bytes
+            }
+            Ok(Err(name)) => {
+                return Err(
+                    ApiError::bad_gateway(format!("upstream {name} failed mid-response"))
+                        .into_response(),
+                );
+            }
+            Err(e) => return Err(ApiError::internal(&e).into_response()),
+        };
+        metrics.gateway_overhead.observe(
+            started
+                .elapsed()
+                .saturating_sub(upstream_wait)
+                .as_secs_f64(),
+        );
+        return Ok(passthrough(
+            status,
+            content_type,
+            &request_id,
+            Body::from(bytes),
+        ));
+    }
+    outcome(&metrics, "none", "all_upstreams_failed");
+    Err(last_failure
+        .unwrap_or_else(|| ApiError::bad_gateway("every upstream failed").into_response()))
+}
+
+/// Reserves the call's maximum price on the customer's wallet: prompt tokens counted from
+/// the request plus `max_tokens` (or the configured output cap), at the dearest upstream
+/// of the chain. Answers 402 when the available balance is short, 403 when the model has
+/// no price (a prepaid call cannot be charged otherwise).
+#[allow(clippy::too_many_arguments)]
+async fn reserve(
+    state: &AppState,
+    gateway: &Gateway,
+    customer_id: &str,
+    budget: Budget,
+    request: &Map<String, Value>,
+    model: &str,
+    chain: &[UpstreamConfig],
+    endpoint: Endpoint,
+    at: DateTime<Utc>,
+) -> Result<ReservationGuard, Response> {
+    let as_value = Value::Object(request.clone());
+    let (prompt, output) = match endpoint {
+        Endpoint::Chat => (
+            count_chat_prompt(&as_value),
+            request
+                .get("max_completion_tokens")
+                .or_else(|| request.get("max_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(gateway.config.default_max_output_tokens),
+        ),
+        Endpoint::Embeddings => (count_embedding_input(&as_value), 0),
+    };
+    let usage = TokenUsage::new(prompt, output, 0, 0, 0, 1)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()).into_response())?;
+    let mut amount: Option<Decimal> = None;
+    for upstream in chain {
+        let upstream_model = match (upstream.strip_model_prefix, model.split_once('/')) {
+            (true, Some((_, rest))) => rest,
+            _ => model,
+        };
+        let quote = state
+            .fatura
+            .quote(&upstream.catalog_provider(), upstream_model, at, &usage)
+            .await
+            .map_err(|e| ApiError::internal(&e).into_response())?;
+        if let Some(q) = quote {
+            amount = Some(amount.map_or(q.revenue, |a| a.max(q.revenue)));
+        }
+    }
+    let Some(amount) = amount else {
+        outcome(&state.metrics, "none", "model_not_priced");
+        return Err(ApiError::forbidden(format!(
+            "model {model:?} has no price in the catalog; calls of prepaid or spend-limited customers need a priced model"
+        ))
+        .with_code("model_not_priced")
+        .into_response());
+    };
+    let reserved = match budget {
+        Budget::Wallet => state.wallets.reserve(customer_id, amount).await,
+        Budget::MonthlyLimit(limit) => {
+            state
+                .wallets
+                .reserve_within_limit(customer_id, limit, amount, at)
+                .await
+        }
+    };
+    match reserved {
+        Ok(Ok(r)) => Ok(ReservationGuard {
+            book: state.wallets.clone(),
+            reservation: Some(r),
+            charge_wallet: budget == Budget::Wallet,
+        }),
+        Ok(Err(available)) if budget == Budget::Wallet => {
+            outcome(&state.metrics, "none", "insufficient_credits");
+            Err(ApiError::insufficient_credits(format!(
+                "insufficient credits: this call may cost up to {} USD and the available balance is {} USD",
+                amount.round_dp(6).normalize(),
+                available.round_dp(6).normalize()
+            ))
+            .into_response())
+        }
+        Ok(Err(left)) => {
+            outcome(&state.metrics, "none", "spend_limit_reached");
+            Err(ApiError::insufficient_credits(format!(
+                "monthly spend limit reached: this call may cost up to {} USD and {} USD of this month's limit is left",
+                amount.round_dp(6).normalize(),
+                left.max(Decimal::ZERO).round_dp(6).normalize()
+            ))
+            .with_code("spend_limit_reached")
+            .into_response())
+        }
+        Err(e) => Err(ApiError::internal(&e).into_response()),
+    }
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// Passes an upstream SSE stream through to the client while metering it: captures usage
+/// (stripping the usage-only chunk the gateway asked for), the reported model and the text
+/// (for estimation). Metered exactly once: at the end of the stream, or when dropped
+/// early (client disconnected, upstream failed).
+struct MeteredStream {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Fires when the upstream has sent nothing for `idle_after`.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_after: Duration,
+    /// The stream has ended (polling again yields nothing).
+    done: bool,
+    inner: ByteStream,
+    splitter: SseSplitter,
+    ctx: Option<CallContext>,
+    strip_usage_chunk: bool,
+    usage: Option<ReportedUsage>,
+    model: Option<String>,
+    text: String,
+    /// Chunk payloads not parsed yet (for estimation only), and the bytes kept so far.
+    kept_payloads: Vec<String>,
+    kept_bytes: usize,
+}
+
+impl MeteredStream {
+    fn new(
+        inner: ByteStream,
+        ctx: CallContext,
+        strip_usage_chunk: bool,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        idle_after: Duration,
+    ) -> Self {
+        MeteredStream {
+            _permit: permit,
+            idle: Box::pin(tokio::time::sleep(idle_after)),
+            idle_after,
+            done: false,
+            inner,
+            splitter: SseSplitter::default(),
+            ctx: Some(ctx),
+            strip_usage_chunk,
+            usage: None,
+            model: None,
+            text: String::new(),
+            kept_payloads: Vec::new(),
+            kept_bytes: 0,
+        }
+    }
+
+    /// Forwards SSE events, parsing only what metering needs: the first chunk (model),
+    /// chunks that mention usage or an error. Other chunks' payloads are kept (bounded)
+    /// and parsed only if the stream ends without usage, to estimate its tokens.
+    fn process(&mut self, events: Vec<super::wire::SseEvent>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in events {
+            let mut forward = true;
+            if let Some(data) = e.data.as_deref() {
+                let needs_parse = self.model.is_none()
+                    || data.contains("\"usage\"")
+                    || data.contains("\"error\"");
+                if needs_parse {
+                    if let StreamItem::Chunk {
+                        usage,
+                        usage_only,
+                        model,
+                        content,
+                    } = classify(Some(data))
+                    {
+                        if model.is_some() {
+                            self.model = model;
+                        }
+                        self.keep_text(content);
+                        let has_usage = usage.is_some();
+                        if has_usage {
+                            self.usage = usage;
+                        }
+                        forward = !(has_usage && usage_only && self.strip_usage_chunk);
+                    }
+                } else if self.kept_bytes < MAX_ESTIMATE_TEXT {
+                    self.kept_bytes += data.len();
+                    self.kept_payloads.push(data.to_string());
+                }
+            }
+            if forward {
+                out.extend_from_slice(&e.raw);
+            }
+        }
+        out
+    }
+
+    fn keep_text(&mut self, content: String) {
+        if self.kept_bytes < MAX_ESTIMATE_TEXT {
+            self.kept_bytes += content.len();
+            self.text.push_str(&content);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(ctx) = self.ctx.take() {
+            if self.usage.is_none() {
+                // Estimation needs the text: parse the payloads kept for that.
+                for payload in std::mem::take(&mut self.kept_payloads) {
+                    if let StreamItem::Chunk { content, .. } = classify(Some(&payload)) {
+                        self.text.push_str(&content);
+                    }
+                }
+            }
+            ctx.meter_detached(
+                self.usage.take(),
+                self.model.take(),
+                std::mem::take(&mut self.text),
+            );
+        }
+    }
+}
+
+impl Stream for MeteredStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Pending => {
+                    if self.idle.as_mut().poll(cx).is_ready() {
+                        tracing::warn!(idle = ?self.idle_after, "upstream stream went silent: ending it");
+                        self.done = true;
+                        self.finish();
+                        return Poll::Ready(Some(Err(std::io::Error::other(
+                            "upstream stream went silent",
+                        ))));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(bytes))) => {
+                    let deadline = tokio::time::Instant::now() + self.idle_after;
+                    self.idle.as_mut().reset(deadline);
+                    let events = self.splitter.feed(&bytes);
+                    let out = self.process(events);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Bytes::from(out))));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream stream failed");
+                    self.done = true;
+                    self.finish();
+                    return Poll::Ready(Some(Err(std::io::Error::other("upstream stream failed"))));
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let rest = self
+                        .splitter
+                        .finish()
+                        .map(|e| self.process(vec![e]))
+                        .unwrap_or_default();
+                    self.finish();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Bytes::from(rest))));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredStream {
+    fn drop(&mut self) {
+        // The client went away (or the server stopped) before the end: meter what we know.
+        self.finish();
+    }
+}
+
+/// `GET /v1/models`: the models this customer can call, with its per-token prices (USD,
+/// the default cost-plus price).
+pub async fn list_models(State(state): State<AppState>, caller: Caller) -> Response {
+    let Some(gateway) = state.gateway.clone() else {
+        return ApiError::not_found("the gateway is not configured on this server").into_response();
+    };
+    if let Caller::Admin = caller {
+        return ApiError::forbidden(
+            "the gateway is called with a customer API key, not the admin key",
+        )
+        .into_response();
+    }
+    let versions = match state.fatura.prices(None, None, Some(Utc::now())).await {
+        Ok(v) => v,
+        Err(e) => return ApiError::internal(&e).into_response(),
+    };
+    let margin = state.fatura.margin();
+    let price = |p: fatura_core::UnitPrice| {
+        margin
+            .price_for_cost(p.value())
+            .map(|d| d.to_string())
+            .unwrap_or_default()
+    };
+    let data: Vec<Value> = versions
+        .into_iter()
+        .filter(|v| {
+            gateway
+                .config
+                .chain_for(&v.model)
+                .and_then(|c| c.first().map(|u| u.catalog_provider() == v.provider))
+                .unwrap_or(false)
+        })
+        .map(|v| {
+            let p = &v.prices;
+            json!({
+                "id": v.model, "object": "model", "created": v.effective_from.timestamp(), "owned_by": v.provider,
+                "pricing": {
+                    "currency": "USD",
+                    "prompt": price(p.prompt), "completion": price(p.completion),
+                    "cache_read": p.cache_read.map(price), "cache_write": p.cache_write.map(price),
+                    "reasoning": p.reasoning.map(price), "request": price(p.per_request),
+                }
+            })
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}

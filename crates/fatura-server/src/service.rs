@@ -1,0 +1,631 @@
+//! The business layer: what fatura does, independent of HTTP or the CLI. It creates ids
+//! and timestamps, validates, costs and rates, and hands the store finished records.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use fatura_core::catalog::{Catalog, PriceVersion, plan_import, version_at};
+use fatura_core::import::{CatalogFormat, ParsedCatalog, Skipped, parse_catalog};
+use fatura_core::usage::{GroupBy, GroupKey, UsageAggregator, UsageTotals};
+use fatura_core::{Currency, CustomerId, MarginRate, UsageEvent, cost_usage};
+use rand::RngCore;
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+use fatura_store::{
+    ApiKeyRecord, Customer, EventPricing, InsertOutcome, PreparedEvent, PriceImport, Store,
+    StoreError, UnpricedModel, UsageFilter,
+};
+
+/// How many times an operation is retried when the catalog changes under it.
+const CATALOG_RETRIES: usize = 5;
+
+/// Errors of the business layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Input rejected; nothing was written.
+    #[error("{0}")]
+    Invalid(String),
+    /// Events rejected with per-index reasons; nothing was written.
+    #[error("{} invalid events", .0.len())]
+    InvalidEvents(Vec<(usize, Option<String>, String, String)>),
+    /// Something does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// An event id was already recorded with different content.
+    #[error("event id {0:?} was already recorded with different content")]
+    EventConflict(String),
+    /// A uniqueness or consistency rule.
+    #[error("{0}")]
+    Conflict(String),
+    /// Unexpected failure.
+    #[error(transparent)]
+    Internal(anyhow::Error),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::EventConflict { id } => ServiceError::EventConflict(id),
+            StoreError::Conflict(m) => ServiceError::Conflict(m),
+            StoreError::CatalogChanged => ServiceError::Internal(anyhow::anyhow!(
+                "the price catalog kept changing; retry the request"
+            )),
+            StoreError::Internal(e) => ServiceError::Internal(e),
+        }
+    }
+}
+
+/// Result alias.
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// The catalog as of one revision.
+#[derive(Debug, Default)]
+struct CatalogSnapshot {
+    revision: i64,
+    catalog: Catalog,
+}
+
+/// What an ingestion did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// New events recorded.
+    pub accepted: u64,
+    /// Events acknowledged as replays (already stored, or repeated within the batch).
+    pub duplicates: u64,
+    /// Of the accepted events, those with no catalog price.
+    pub unpriced: u64,
+}
+
+/// What a price import did.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    /// Prices apply from this instant.
+    pub effective_from: DateTime<Utc>,
+    /// Models with usable prices in the file.
+    pub models: usize,
+    /// New versions created.
+    pub created: usize,
+    /// Models whose prices did not change.
+    pub unchanged: usize,
+    /// Entries left out, and why.
+    pub skipped: Vec<Skipped>,
+    /// Catalog revision after the import.
+    pub catalog_revision: i64,
+    /// Previously unpriced events that the new prices now cover.
+    pub events_priced: u64,
+}
+
+/// How a customer pays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Billing {
+    /// Prepaid (wallet) rather than postpaid.
+    pub prepaid: bool,
+    /// Postpaid only: the most the customer's calls may cost per UTC month, USD.
+    pub monthly_spend_limit: Option<Decimal>,
+}
+
+fn check_spend_limit(prepaid: bool, limit: Option<Decimal>) -> ServiceResult<()> {
+    match limit {
+        None => Ok(()),
+        Some(_) if prepaid => Err(ServiceError::Invalid(
+            "monthly_spend_limit: applies to postpaid customers (prepaid ones are bounded by their wallet)".into(),
+        )),
+        Some(l) if l <= Decimal::ZERO || l.normalize().scale() > 2 || l > Decimal::from(1_000_000_000_i64) => {
+            Err(ServiceError::Invalid(
+                "monthly_spend_limit: must be a positive USD amount with at most 2 decimal places".into(),
+            ))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// A new API key: the secret is in `key`, shown once.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    /// Stored record (hash only).
+    pub record: ApiKeyRecord,
+    /// The key itself.
+    pub key: String,
+}
+
+/// fatura's operations over one store.
+pub struct Fatura {
+    store: Arc<dyn Store>,
+    margin: MarginRate,
+    catalog: RwLock<Arc<CatalogSnapshot>>,
+}
+
+impl std::fmt::Debug for Fatura {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fatura")
+            .field("backend", &self.store.backend())
+            .finish()
+    }
+}
+
+/// A batch's events by id, each with its batch index and content hash, sorted by id (a
+/// fixed order keeps concurrent batches that share ids from deadlocking), and the count of
+/// replays inside the batch. The same id with other content is a conflict.
+type UniqueEvents = Vec<(usize, UsageEvent, String)>;
+
+fn dedupe_batch(events: Vec<(usize, UsageEvent)>) -> ServiceResult<(UniqueEvents, u64)> {
+    let mut by_id: HashMap<String, (usize, UsageEvent, String)> =
+        HashMap::with_capacity(events.len());
+    let mut in_batch_duplicates = 0;
+    for (index, event) in events {
+        let hash = event.content_hash();
+        match by_id.get(event.id.as_str()) {
+            Some((_, _, h)) if *h == hash => in_batch_duplicates += 1,
+            Some(_) => return Err(ServiceError::EventConflict(event.id.to_string())),
+            None => {
+                by_id.insert(event.id.to_string(), (index, event, hash));
+            }
+        }
+    }
+    let mut unique: UniqueEvents = by_id.into_values().collect();
+    unique.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+    Ok((unique, in_batch_duplicates))
+}
+
+/// Costs (at the version in force) and rates every event; per-event errors are collected.
+fn prepare_batch(
+    catalog: &Catalog,
+    margin: MarginRate,
+    unique: &UniqueEvents,
+    now: DateTime<Utc>,
+) -> ServiceResult<Vec<PreparedEvent>> {
+    let mut prepared = Vec::with_capacity(unique.len());
+    let mut errors = Vec::new();
+    for (index, event, hash) in unique {
+        match price_with(
+            catalog,
+            margin,
+            &event.provider,
+            &event.model,
+            event.timestamp,
+            &event.usage,
+        ) {
+            Ok(pricing) => prepared.push(PreparedEvent {
+                event: event.clone(),
+                content_hash: hash.clone(),
+                pricing,
+                ingested_at: now,
+            }),
+            Err(msg) => errors.push((
+                *index,
+                Some(event.id.to_string()),
+                "input_tokens".to_string(),
+                msg,
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(prepared)
+    } else {
+        errors.sort_by_key(|e| e.0);
+        Err(ServiceError::InvalidEvents(errors))
+    }
+}
+
+/// Costs an event at the catalog version in force at its timestamp and rates it at the
+/// cost-plus `margin`. `None` when no price applies.
+fn price_with(
+    catalog: &Catalog,
+    margin: MarginRate,
+    provider: &str,
+    model: &str,
+    at: DateTime<Utc>,
+    usage: &fatura_core::TokenUsage,
+) -> Result<Option<EventPricing>, String> {
+    let Some(version) = catalog.price_at(provider, model, at) else {
+        return Ok(None);
+    };
+    let cost = cost_usage(usage, &version.prices)
+        .map_err(|e| e.to_string())?
+        .total();
+    let revenue = margin.price_for_cost(cost).map_err(|e| e.to_string())?;
+    Ok(Some(EventPricing {
+        price_version_id: version.id,
+        cost,
+        revenue,
+    }))
+}
+
+/// The SHA-256 of an API key, hex encoded: how keys are stored and looked up.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+impl Fatura {
+    /// Wraps a store; `margin` is the default cost-plus margin (87%).
+    pub fn new(store: Arc<dyn Store>, margin: MarginRate) -> Self {
+        Fatura {
+            store,
+            margin,
+            catalog: RwLock::new(Arc::new(CatalogSnapshot {
+                revision: -1,
+                catalog: Catalog::default(),
+            })),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The default margin.
+    pub fn margin(&self) -> MarginRate {
+        self.margin
+    }
+
+    // ---- customers and keys -------------------------------------------------------------
+
+    /// Creates a customer, generating an id (`cus_…`) when none is given.
+    pub async fn create_customer(
+        &self,
+        id: Option<&str>,
+        name: &str,
+        currency: Currency,
+        billing: Billing,
+        now: DateTime<Utc>,
+    ) -> ServiceResult<Customer> {
+        let prepaid = billing.prepaid;
+        check_spend_limit(prepaid, billing.monthly_spend_limit)?;
+        let id = match id {
+            Some(id) => {
+                CustomerId::parse(id).map_err(|e| ServiceError::Invalid(format!("id: {e}")))?
+            }
+            None => CustomerId::parse(&format!("cus_{}", random_hex(10)))
+                .map_err(|e| ServiceError::Internal(anyhow::anyhow!(e)))?,
+        };
+        let name = name.trim();
+        if prepaid && currency != Currency::Usd {
+            return Err(ServiceError::Invalid(
+                "currency: prepaid wallets are in USD until exchange rates are supported; create the customer in USD or postpaid"
+                    .into(),
+            ));
+        }
+        if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+            return Err(ServiceError::Invalid(
+                "name: must be 1 to 200 characters without control characters".into(),
+            ));
+        }
+        let customer = Customer {
+            id: id.to_string(),
+            name: name.to_string(),
+            currency,
+            prepaid,
+            monthly_spend_limit: billing.monthly_spend_limit.map(|d| d.normalize()),
+            created_at: now,
+        };
+        self.store.create_customer(&customer).await?;
+        Ok(customer)
+    }
+
+    /// Sets or clears a postpaid customer's monthly spend limit.
+    pub async fn set_spend_limit(
+        &self,
+        id: &str,
+        limit: Option<Decimal>,
+    ) -> ServiceResult<Customer> {
+        let customer = self.customer(id).await?;
+        check_spend_limit(customer.prepaid, limit)?;
+        self.store
+            .set_spend_limit(id, limit.map(|d| d.normalize()))
+            .await?;
+        self.customer(id).await
+    }
+
+    /// A customer, or `NotFound`.
+    pub async fn customer(&self, id: &str) -> ServiceResult<Customer> {
+        self.store
+            .get_customer(id)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("no customer {id:?}")))
+    }
+
+    /// Creates an API key for a customer. The key is returned once and stored hashed.
+    pub async fn create_api_key(
+        &self,
+        customer_id: &str,
+        now: DateTime<Utc>,
+    ) -> ServiceResult<NewApiKey> {
+        self.customer(customer_id).await?;
+        let key = format!("fk_{}", random_hex(24));
+        let record = ApiKeyRecord {
+            id: format!("key_{}", random_hex(8)),
+            customer_id: customer_id.to_string(),
+            key_hash: hash_api_key(&key),
+            prefix: key.chars().take(10).collect(),
+            created_at: now,
+            revoked_at: None,
+        };
+        self.store.create_api_key(&record).await?;
+        Ok(NewApiKey { record, key })
+    }
+
+    /// Revokes a key.
+    pub async fn revoke_api_key(&self, id: &str, now: DateTime<Utc>) -> ServiceResult<()> {
+        if self.store.revoke_api_key(id, now).await? {
+            Ok(())
+        } else {
+            Err(ServiceError::NotFound(format!("no active key {id:?}")))
+        }
+    }
+
+    // ---- catalog ------------------------------------------------------------------------
+
+    async fn reload_catalog(&self) -> ServiceResult<Arc<CatalogSnapshot>> {
+        let (revision, versions) = self.store.load_catalog().await?;
+        let snapshot = Arc::new(CatalogSnapshot {
+            revision,
+            catalog: Catalog::new(versions),
+        });
+        if let Ok(mut guard) = self.catalog.write()
+            && guard.revision < revision
+        {
+            *guard = snapshot.clone();
+        }
+        Ok(snapshot)
+    }
+
+    fn cached_catalog(&self) -> Arc<CatalogSnapshot> {
+        self.catalog.read().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Costs an event at the catalog version in force at its timestamp and rates it at the
+    /// default cost-plus margin. `None` when no price applies.
+    fn price_event(
+        &self,
+        catalog: &Catalog,
+        provider: &str,
+        model: &str,
+        at: DateTime<Utc>,
+        usage: &fatura_core::TokenUsage,
+    ) -> Result<Option<EventPricing>, String> {
+        price_with(catalog, self.margin, provider, model, at, usage)
+    }
+
+    /// The catalog cost and default price of `usage` on `(provider, model)` at `at`, from
+    /// the cached catalog; `None` when no price applies.
+    pub async fn quote(
+        &self,
+        provider: &str,
+        model: &str,
+        at: DateTime<Utc>,
+        usage: &fatura_core::TokenUsage,
+    ) -> ServiceResult<Option<EventPricing>> {
+        let mut snapshot = self.cached_catalog();
+        if snapshot.revision < 0 {
+            snapshot = self.reload_catalog().await?;
+        }
+        self.price_event(&snapshot.catalog, provider, model, at, usage)
+            .map_err(ServiceError::Invalid)
+    }
+
+    /// Imports a catalog file as new price versions effective from `effective_from`, then
+    /// prices any unpriced events the new versions cover.
+    pub async fn import_prices(
+        &self,
+        format: CatalogFormat,
+        bytes: &[u8],
+        provider: Option<&str>,
+        effective_from: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> ServiceResult<ImportReport> {
+        let ParsedCatalog { prices, skipped } = parse_catalog(format, bytes, provider)
+            .map_err(|e| ServiceError::Invalid(e.to_string()))?;
+        let models = prices.len();
+        let source = match format {
+            CatalogFormat::OpenRouter => "openrouter",
+            CatalogFormat::LiteLlm => "litellm",
+        };
+        for _ in 0..CATALOG_RETRIES {
+            let snapshot = self.reload_catalog().await?;
+            let plan = plan_import(&snapshot.catalog, prices.clone(), effective_from);
+            if !plan.conflicts.is_empty() {
+                return Err(ServiceError::Conflict(format!(
+                    "a price version at exactly {} already exists with different prices for: {}; \
+                     import with another effective_from",
+                    effective_from.to_rfc3339(),
+                    plan.conflicts.join(", ")
+                )));
+            }
+            let created = plan.create.len();
+            let import = PriceImport {
+                effective_from,
+                source: source.to_string(),
+                imported_at: now,
+                create: plan.create,
+                expected_revision: snapshot.revision,
+            };
+            match self.store.import_prices(&import).await {
+                Ok(revision) => {
+                    let events_priced = if created > 0 {
+                        self.price_unpriced_events().await?
+                    } else {
+                        0
+                    };
+                    // Quotes (gateway reservations, /v1/models) see the new prices at once.
+                    self.reload_catalog().await?;
+                    return Ok(ImportReport {
+                        effective_from,
+                        models,
+                        created,
+                        unchanged: plan.unchanged,
+                        skipped,
+                        catalog_revision: revision,
+                        events_priced,
+                    });
+                }
+                Err(StoreError::CatalogChanged) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::CatalogChanged.into())
+    }
+
+    /// Prices every unpriced event that the catalog now covers. Returns how many.
+    pub async fn price_unpriced_events(&self) -> ServiceResult<u64> {
+        let mut total = 0;
+        let mut after = String::new();
+        let mut attempts = 0;
+        loop {
+            let page = self.store.unpriced_events(&after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            let last_id = last.id.clone();
+            let snapshot = self.reload_catalog().await?;
+            let mut pricing = Vec::new();
+            for e in &page {
+                match self.price_event(
+                    &snapshot.catalog,
+                    &e.provider,
+                    &e.model,
+                    e.timestamp,
+                    &e.usage,
+                ) {
+                    Ok(Some(p)) => pricing.push((e.id.clone(), p)),
+                    Ok(None) => {}
+                    Err(err) => tracing::warn!(event = %e.id, error = %err, "cannot price event"),
+                }
+            }
+            if !pricing.is_empty() {
+                match self.store.price_events(&pricing, snapshot.revision).await {
+                    Ok(n) => total += n,
+                    Err(StoreError::CatalogChanged) if attempts < CATALOG_RETRIES => {
+                        attempts += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            after = last_id;
+        }
+        Ok(total)
+    }
+
+    /// Price versions, optionally filtered; with `at`, only the version in force then.
+    pub async fn prices(
+        &self,
+        provider: Option<&str>,
+        model: Option<&str>,
+        at: Option<DateTime<Utc>>,
+    ) -> ServiceResult<Vec<PriceVersion>> {
+        let (_, versions) = self.store.load_catalog().await?;
+        let matching = versions.into_iter().filter(|v| {
+            provider.is_none_or(|p| v.provider == p) && model.is_none_or(|m| v.model == m)
+        });
+        let Some(at) = at else {
+            return Ok(matching.collect());
+        };
+        // Versions come sorted by (provider, model, effective_from).
+        let mut by_pair: std::collections::BTreeMap<(String, String), Vec<PriceVersion>> =
+            Default::default();
+        for v in matching {
+            by_pair
+                .entry((v.provider.clone(), v.model.clone()))
+                .or_default()
+                .push(v);
+        }
+        Ok(by_pair
+            .values()
+            .filter_map(|versions| version_at(versions, at).cloned())
+            .collect())
+    }
+
+    // ---- events ---------------------------------------------------------------------------
+
+    /// Indexes of events whose customer does not exist.
+    pub async fn unknown_customers(
+        &self,
+        events: &[(usize, UsageEvent)],
+    ) -> ServiceResult<Vec<usize>> {
+        let mut ids: Vec<String> = events
+            .iter()
+            .map(|(_, e)| e.customer_id.to_string())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let known = self.store.existing_customer_ids(&ids).await?;
+        Ok(events
+            .iter()
+            .filter(|(_, e)| !known.contains(e.customer_id.as_str()))
+            .map(|(i, _)| *i)
+            .collect())
+    }
+
+    /// Records validated events (with their batch indexes) atomically, after checking for
+    /// in-batch conflicts; returns after commit.
+    pub async fn record_events(
+        &self,
+        events: Vec<(usize, UsageEvent)>,
+        now: DateTime<Utc>,
+    ) -> ServiceResult<IngestOutcome> {
+        // Hashing and costing thousands of events is CPU work: it runs on the blocking pool
+        // so that the async workers keep answering requests (gateway latency) meanwhile.
+        let (mut unique, in_batch_duplicates) =
+            tokio::task::spawn_blocking(move || dedupe_batch(events))
+                .await
+                .map_err(|e| ServiceError::Internal(anyhow::anyhow!(e)))??;
+        let mut snapshot = self.cached_catalog();
+        if snapshot.revision < 0 {
+            snapshot = self.reload_catalog().await?;
+        }
+        for _ in 0..CATALOG_RETRIES {
+            let (snap, margin) = (snapshot.clone(), self.margin);
+            let (returned, prepared) = tokio::task::spawn_blocking(move || {
+                let prepared = prepare_batch(&snap.catalog, margin, &unique, now);
+                (unique, prepared)
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(anyhow::anyhow!(e)))?;
+            unique = returned;
+            let prepared = prepared?;
+            match self.store.insert_events(&prepared, snapshot.revision).await {
+                Ok(InsertOutcome {
+                    accepted,
+                    duplicates,
+                    unpriced,
+                }) => {
+                    return Ok(IngestOutcome {
+                        accepted,
+                        duplicates: duplicates + in_batch_duplicates,
+                        unpriced,
+                    });
+                }
+                Err(StoreError::CatalogChanged) => {
+                    snapshot = self.reload_catalog().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::CatalogChanged.into())
+    }
+
+    // ---- usage ----------------------------------------------------------------------------
+
+    /// Usage grouped by `group_by` over the events matching `filter`.
+    pub async fn usage(
+        &self,
+        filter: &UsageFilter,
+        group_by: Vec<GroupBy>,
+    ) -> ServiceResult<Vec<(GroupKey, UsageTotals)>> {
+        let mut agg = UsageAggregator::new(group_by);
+        self.store.aggregate_usage(filter, &mut agg).await?;
+        Ok(agg.finish())
+    }
+
+    /// Unpriced usage by model.
+    pub async fn unpriced(&self, customer_id: Option<&str>) -> ServiceResult<Vec<UnpricedModel>> {
+        Ok(self.store.unpriced_models(customer_id).await?)
+    }
+}

@@ -1,0 +1,329 @@
+//! # fatura-store
+//!
+//! The storage adapters of fatura. [`Store`] is the one interface the rest of fatura uses;
+//! [`sqlite::SqliteStore`] (the embedded default) and [`postgres::PgStore`] (for fleets of
+//! instances) implement it, each with its own migrations.
+//!
+//! Architecture Invariant: only this crate speaks SQL. All SQL uses bind parameters (or
+//! `QueryBuilder::push_bind`); nothing is built with `format!` from input.
+//!
+//! Architecture Invariant: the store decides nothing about money. It inserts the costs it
+//! is given and checks, inside the same transaction, that the catalog revision they were
+//! computed from is still current (see [`Store::insert_events`]).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use fatura_core::catalog::PriceVersion;
+use fatura_core::import::ImportedPrice;
+use fatura_core::usage::UsageAggregator;
+use fatura_core::{Currency, UsageEvent};
+use rust_decimal::Decimal;
+
+pub mod postgres;
+pub mod sqlite;
+
+/// Errors of the storage layer. The first variants are expected outcomes the API maps to
+/// 4xx answers; `Internal` is anything unexpected.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An event id already exists with different content.
+    #[error("event id {id:?} was already recorded with different content")]
+    EventConflict {
+        /// The conflicting id.
+        id: String,
+    },
+    /// The price catalog changed after the caller costed its events; cost again and retry.
+    #[error("the price catalog changed while the events were being costed")]
+    CatalogChanged,
+    /// A uniqueness or consistency rule would be broken (message explains which).
+    #[error("{0}")]
+    Conflict(String),
+    /// Anything else (connection lost, corrupt data, …).
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Internal(anyhow::Error::new(e))
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Internal(anyhow::Error::new(e))
+    }
+}
+
+/// Result alias.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A customer of the platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Customer {
+    /// Id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Billing currency.
+    pub currency: Currency,
+    /// Prepaid customers' calls are reserved against and charged to their wallet.
+    pub prepaid: bool,
+    /// For postpaid customers: the most their calls may cost per UTC month (USD).
+    pub monthly_spend_limit: Option<Decimal>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A wallet movement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletTransaction {
+    /// Id (`wtx_…`, or `charge:<event id>`).
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// `purchased`, `granted` or `charge`.
+    pub kind: String,
+    /// Positive for credits, negative for charges.
+    pub amount: Decimal,
+    /// Wallet currency.
+    pub currency: Currency,
+    /// The usage event a charge belongs to.
+    pub event_id: Option<String>,
+    /// When a credit expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A stored API key. The key itself is never stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    /// Key id (`key_…`), used to revoke it.
+    pub id: String,
+    /// Owner.
+    pub customer_id: String,
+    /// Hex SHA-256 of the key.
+    pub key_hash: String,
+    /// The first characters of the key, to recognise it.
+    pub prefix: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Revocation time.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// An event ready to be written: validated, hashed and costed by the caller.
+#[derive(Debug, Clone)]
+pub struct PreparedEvent {
+    /// The event.
+    pub event: UsageEvent,
+    /// Its content hash.
+    pub content_hash: String,
+    /// Pricing, or `None` when no catalog price applies (the event is unpriced).
+    pub pricing: Option<EventPricing>,
+    /// When fatura received it.
+    pub ingested_at: DateTime<Utc>,
+}
+
+/// The catalog cost and provisional price of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventPricing {
+    /// The catalog version used.
+    pub price_version_id: i64,
+    /// Upstream cost, USD.
+    pub cost: Decimal,
+    /// Provisional price, USD.
+    pub revenue: Decimal,
+}
+
+/// What an insert did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InsertOutcome {
+    /// Newly recorded events.
+    pub accepted: u64,
+    /// Events already recorded with identical content.
+    pub duplicates: u64,
+    /// Of the newly recorded events, those without a catalog price.
+    pub unpriced: u64,
+}
+
+/// A price import to store, already planned against the catalog at `expected_revision`.
+#[derive(Debug, Clone)]
+pub struct PriceImport {
+    /// First instant the prices apply.
+    pub effective_from: DateTime<Utc>,
+    /// Where the prices came from (`openrouter`, `litellm`).
+    pub source: String,
+    /// When the import happened.
+    pub imported_at: DateTime<Utc>,
+    /// Versions to create, with the start of the next version of the same model.
+    pub create: Vec<(ImportedPrice, Option<DateTime<Utc>>)>,
+    /// The catalog revision the plan was made against.
+    pub expected_revision: i64,
+}
+
+/// Filters of a usage query.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    /// Only this customer.
+    pub customer_id: Option<String>,
+    /// Events at or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Events strictly before.
+    pub to: Option<DateTime<Utc>>,
+    /// Only this provider.
+    pub provider: Option<String>,
+    /// Only this model.
+    pub model: Option<String>,
+    /// Tag equality filters (`tag.agent=sdr-bot`); keys are validated tag names.
+    pub tags: Vec<(String, String)>,
+}
+
+/// Unpriced usage of one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpricedModel {
+    /// Provider.
+    pub provider: String,
+    /// Model.
+    pub model: String,
+    /// Events.
+    pub events: u64,
+    /// Requests.
+    pub requests: u64,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Earliest event.
+    pub first_timestamp: DateTime<Utc>,
+    /// Latest event.
+    pub last_timestamp: DateTime<Utc>,
+}
+
+/// An unpriced event that may now be priced.
+#[derive(Debug, Clone)]
+pub struct UnpricedEvent {
+    /// Event id.
+    pub id: String,
+    /// Provider.
+    pub provider: String,
+    /// Model.
+    pub model: String,
+    /// Timestamp.
+    pub timestamp: DateTime<Utc>,
+    /// Counts.
+    pub usage: fatura_core::TokenUsage,
+}
+
+/// The storage interface of fatura.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+    /// Checks the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates a customer; `Conflict` if the id exists.
+    async fn create_customer(&self, customer: &Customer) -> StoreResult<()>;
+    /// Sets (or clears) a customer's monthly spend limit; false if no such customer.
+    async fn set_spend_limit(&self, id: &str, limit: Option<Decimal>) -> StoreResult<bool>;
+    /// One customer.
+    async fn get_customer(&self, id: &str) -> StoreResult<Option<Customer>>;
+    /// All customers, by id.
+    async fn list_customers(&self) -> StoreResult<Vec<Customer>>;
+    /// Which of `ids` exist.
+    async fn existing_customer_ids(&self, ids: &[String]) -> StoreResult<HashSet<String>>;
+
+    /// Records a wallet credit.
+    async fn add_wallet_credit(&self, credit: &WalletTransaction) -> StoreResult<()>;
+    /// Every movement of a customer's wallet, oldest first.
+    async fn wallet_transactions(&self, customer_id: &str) -> StoreResult<Vec<WalletTransaction>>;
+
+    /// Stores a new API key.
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()>;
+    /// The active (not revoked) key with this hash.
+    async fn find_active_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKeyRecord>>;
+    /// Keys of a customer.
+    async fn list_api_keys(&self, customer_id: &str) -> StoreResult<Vec<ApiKeyRecord>>;
+    /// Revokes a key; false if no such active key.
+    async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool>;
+
+    /// The catalog revision: a counter bumped by every import that creates versions.
+    async fn catalog_revision(&self) -> StoreResult<i64>;
+    /// Every price version with the revision they belong to, read consistently.
+    async fn load_catalog(&self) -> StoreResult<(i64, Vec<PriceVersion>)>;
+    /// Creates the planned versions in one transaction. Fails with `CatalogChanged` if the
+    /// revision moved since planning, and with `Conflict` if a new version would start
+    /// before events that are already costed with another version.
+    async fn import_prices(&self, import: &PriceImport) -> StoreResult<i64>;
+
+    /// Writes events atomically: all or nothing. Events are unique by id within the call.
+    /// An id already stored with the same content hash counts as a duplicate; with another
+    /// hash the whole call fails with `EventConflict`. Fails with `CatalogChanged` if the
+    /// catalog revision is no longer `catalog_revision`. A newly recorded event with a
+    /// `prepaid_charge` gets its wallet charge in the same transaction (`currency` of the
+    /// customer). Returns after commit.
+    async fn insert_events(
+        &self,
+        events: &[PreparedEvent],
+        catalog_revision: i64,
+    ) -> StoreResult<InsertOutcome>;
+    /// Feeds every event matching `filter` to `agg`.
+    async fn aggregate_usage(
+        &self,
+        filter: &UsageFilter,
+        agg: &mut UsageAggregator,
+    ) -> StoreResult<()>;
+    /// Unpriced usage grouped by model.
+    async fn unpriced_models(&self, customer_id: Option<&str>) -> StoreResult<Vec<UnpricedModel>>;
+    /// Up to `limit` unpriced events with id greater than `after`, by id.
+    async fn unpriced_events(&self, after: &str, limit: u32) -> StoreResult<Vec<UnpricedEvent>>;
+    /// Prices previously unpriced events (skips any that got priced meanwhile). Fails with
+    /// `CatalogChanged` if the revision moved.
+    async fn price_events(
+        &self,
+        pricing: &[(String, EventPricing)],
+        catalog_revision: i64,
+    ) -> StoreResult<u64>;
+    /// Number of stored events (for tests and metrics).
+    async fn count_events(&self) -> StoreResult<u64>;
+}
+
+/// Opens the store for a database URL: `sqlite://path` (created if missing) or
+/// `postgres://…`.
+pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            postgres::PgStore::connect(url, max_connections).await?,
+        ))
+    } else {
+        Err(StoreError::Internal(anyhow::anyhow!(
+            "unsupported database URL (expected sqlite://PATH or postgres://…)"
+        )))
+    }
+}
+
+pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+pub(crate) fn from_micros(us: i64) -> StoreResult<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(us)
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("timestamp out of range: {us}")))
+}
+
+pub(crate) fn count(v: i64) -> StoreResult<u64> {
+    u64::try_from(v)
+        .map_err(|_| StoreError::Internal(anyhow::anyhow!("negative count in database: {v}")))
+}
+
+/// Rows per multi-row INSERT statement (20 binds each, well under both databases' limits).
+pub(crate) const INSERT_CHUNK: usize = 500;

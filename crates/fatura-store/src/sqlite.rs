@@ -1,0 +1,656 @@
+//! SQLite store: the embedded default.
+//!
+//! Writes go through a pool of exactly one connection, so write transactions are
+//! serialised inside the process and never meet `SQLITE_BUSY`; reads use a separate pool
+//! and, thanks to WAL, never block on writes. `synchronous=FULL` makes every commit
+//! durable before it returns. One SQLite file serves one fatura process; fleets use
+//! PostgreSQL.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use fatura_core::catalog::{PriceComponents, PriceVersion, UnitPrice};
+use fatura_core::usage::{UsageAggregator, UsageRecord};
+use fatura_core::{Currency, TokenUsage};
+use futures_util::TryStreamExt;
+use rust_decimal::Decimal;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use crate::{
+    ApiKeyRecord, Customer, EventPricing, INSERT_CHUNK, InsertOutcome, PreparedEvent, PriceImport,
+    Store, StoreError, StoreResult, UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction,
+    count, from_micros, micros,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The SQLite implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+fn dec(s: &str) -> StoreResult<Decimal> {
+    Decimal::from_str(s)
+        .map_err(|e| StoreError::Internal(anyhow::anyhow!("bad decimal {s:?} in database: {e}")))
+}
+
+fn opt_dec(s: Option<String>) -> StoreResult<Option<Decimal>> {
+    s.as_deref().map(dec).transpose()
+}
+
+fn price(s: &str) -> StoreResult<UnitPrice> {
+    UnitPrice::new(dec(s)?)
+        .map_err(|e| StoreError::Internal(anyhow::anyhow!("bad price in database: {e}")))
+}
+
+fn opt_price(s: Option<String>) -> StoreResult<Option<UnitPrice>> {
+    s.as_deref().map(price).transpose()
+}
+
+fn u(v: u64) -> i64 {
+    // Counts are bounded by fatura_core::event::MAX_COUNT (10^12), far below i64::MAX.
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn customer_from_row(r: &SqliteRow) -> StoreResult<Customer> {
+    let currency: String = r.try_get("currency")?;
+    Ok(Customer {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        currency: Currency::from_str(&currency)
+            .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
+        prepaid: r.try_get::<String, _>("billing_mode")? == "prepaid",
+        monthly_spend_limit: opt_dec(r.try_get("monthly_spend_limit")?)?,
+        created_at: from_micros(r.try_get("created_at_us")?)?,
+    })
+}
+
+fn key_from_row(r: &SqliteRow) -> StoreResult<ApiKeyRecord> {
+    Ok(ApiKeyRecord {
+        id: r.try_get("id")?,
+        customer_id: r.try_get("customer_id")?,
+        key_hash: r.try_get("key_hash")?,
+        prefix: r.try_get("prefix")?,
+        created_at: from_micros(r.try_get("created_at_us")?)?,
+        revoked_at: r
+            .try_get::<Option<i64>, _>("revoked_at_us")?
+            .map(from_micros)
+            .transpose()?,
+    })
+}
+
+fn version_from_row(r: &SqliteRow) -> StoreResult<PriceVersion> {
+    Ok(PriceVersion {
+        id: r.try_get("id")?,
+        provider: r.try_get("provider")?,
+        model: r.try_get("model")?,
+        effective_from: from_micros(r.try_get("effective_from_us")?)?,
+        prices: PriceComponents {
+            prompt: price(r.try_get("prompt")?)?,
+            completion: price(r.try_get("completion")?)?,
+            cache_read: opt_price(r.try_get("cache_read")?)?,
+            cache_write: opt_price(r.try_get("cache_write")?)?,
+            reasoning: opt_price(r.try_get("reasoning")?)?,
+            per_request: price(r.try_get("per_request")?)?,
+            per_image: price(r.try_get("per_image")?)?,
+            web_search: price(r.try_get("web_search")?)?,
+        },
+    })
+}
+
+fn opt_text(p: Option<UnitPrice>) -> Option<String> {
+    p.map(|p| p.value().to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file named by `url` (`sqlite://path`).
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        // Connections are opened once and kept: reopening needs file descriptors, which an
+        // overloaded process may not have.
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.clone())
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.read_only(false))
+            .await?;
+        Ok(SqliteStore { write, read })
+    }
+
+    async fn revision_in(conn: &mut sqlx::SqliteConnection) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT revision FROM catalog_meta WHERE id = 1")
+                .fetch_one(conn)
+                .await?,
+        )
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.write).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
+    async fn create_customer(&self, c: &Customer) -> StoreResult<()> {
+        let res = sqlx::query(
+            "INSERT INTO customers (id, name, currency, created_at_us, billing_mode, monthly_spend_limit) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&c.id)
+        .bind(&c.name)
+        .bind(c.currency.code())
+        .bind(micros(c.created_at))
+        .bind(if c.prepaid { "prepaid" } else { "postpaid" })
+        .bind(c.monthly_spend_limit.map(|d| d.to_string()))
+        .execute(&self.write)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!(
+                "customer {:?} already exists",
+                c.id
+            )));
+        }
+        Ok(())
+    }
+
+    async fn set_spend_limit(&self, id: &str, limit: Option<Decimal>) -> StoreResult<bool> {
+        let res = sqlx::query("UPDATE customers SET monthly_spend_limit = ? WHERE id = ?")
+            .bind(limit.map(|d| d.to_string()))
+            .bind(id)
+            .execute(&self.write)
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn get_customer(&self, id: &str) -> StoreResult<Option<Customer>> {
+        sqlx::query("SELECT * FROM customers WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?
+            .as_ref()
+            .map(customer_from_row)
+            .transpose()
+    }
+
+    async fn list_customers(&self) -> StoreResult<Vec<Customer>> {
+        sqlx::query("SELECT * FROM customers ORDER BY id")
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(customer_from_row)
+            .collect()
+    }
+
+    async fn existing_customer_ids(&self, ids: &[String]) -> StoreResult<HashSet<String>> {
+        let mut found = HashSet::new();
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new("SELECT id FROM customers WHERE id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(id);
+            }
+            qb.push(")");
+            let rows: Vec<String> = qb.build_query_scalar().fetch_all(&self.read).await?;
+            found.extend(rows);
+        }
+        Ok(found)
+    }
+
+    async fn add_wallet_credit(&self, c: &WalletTransaction) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO wallet_transactions (id, customer_id, kind, amount, currency, event_id, expires_at_us, created_at_us) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.id)
+        .bind(&c.customer_id)
+        .bind(&c.kind)
+        .bind(c.amount.to_string())
+        .bind(c.currency.code())
+        .bind(c.event_id.as_deref())
+        .bind(c.expires_at.map(micros))
+        .bind(micros(c.created_at))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn wallet_transactions(&self, customer_id: &str) -> StoreResult<Vec<WalletTransaction>> {
+        let rows = sqlx::query(
+            "SELECT * FROM wallet_transactions WHERE customer_id = ? ORDER BY created_at_us, id",
+        )
+        .bind(customer_id)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let currency: String = r.try_get("currency")?;
+                Ok(WalletTransaction {
+                    id: r.try_get("id")?,
+                    customer_id: r.try_get("customer_id")?,
+                    kind: r.try_get("kind")?,
+                    amount: dec(&r.try_get::<String, _>("amount")?)?,
+                    currency: Currency::from_str(&currency)
+                        .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
+                    event_id: r.try_get("event_id")?,
+                    expires_at: r
+                        .try_get::<Option<i64>, _>("expires_at_us")?
+                        .map(from_micros)
+                        .transpose()?,
+                    created_at: from_micros(r.try_get("created_at_us")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_api_key(&self, k: &ApiKeyRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, customer_id, key_hash, prefix, created_at_us, revoked_at_us) VALUES (?, ?, ?, ?, ?, NULL)",
+        )
+        .bind(&k.id)
+        .bind(&k.customer_id)
+        .bind(&k.key_hash)
+        .bind(&k.prefix)
+        .bind(micros(k.created_at))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn find_active_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKeyRecord>> {
+        sqlx::query("SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at_us IS NULL")
+            .bind(key_hash)
+            .fetch_optional(&self.read)
+            .await?
+            .as_ref()
+            .map(key_from_row)
+            .transpose()
+    }
+
+    async fn list_api_keys(&self, customer_id: &str) -> StoreResult<Vec<ApiKeyRecord>> {
+        sqlx::query("SELECT * FROM api_keys WHERE customer_id = ? ORDER BY created_at_us, id")
+            .bind(customer_id)
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(key_from_row)
+            .collect()
+    }
+
+    async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "UPDATE api_keys SET revoked_at_us = ? WHERE id = ? AND revoked_at_us IS NULL",
+        )
+        .bind(micros(at))
+        .bind(id)
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn catalog_revision(&self) -> StoreResult<i64> {
+        let mut conn = self.read.acquire().await?;
+        Self::revision_in(&mut conn).await
+    }
+
+    async fn load_catalog(&self) -> StoreResult<(i64, Vec<PriceVersion>)> {
+        let mut tx = self.read.begin().await?;
+        let revision = Self::revision_in(&mut tx).await?;
+        let rows =
+            sqlx::query("SELECT * FROM price_versions ORDER BY provider, model, effective_from_us")
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        let versions = rows
+            .iter()
+            .map(version_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok((revision, versions))
+    }
+
+    async fn import_prices(&self, import: &PriceImport) -> StoreResult<i64> {
+        let mut tx = self.write.begin().await?;
+        let revision = Self::revision_in(&mut tx).await?;
+        if revision != import.expected_revision {
+            return Err(StoreError::CatalogChanged);
+        }
+        if import.create.is_empty() {
+            return Ok(revision);
+        }
+        let from = micros(import.effective_from);
+        for (item, next) in &import.create {
+            let until = next.map(micros).unwrap_or(i64::MAX);
+            let costed: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM usage_events WHERE provider = ? AND model = ? AND ts_us >= ? AND ts_us < ? AND cost IS NOT NULL",
+            )
+            .bind(&item.provider)
+            .bind(&item.model)
+            .bind(from)
+            .bind(until)
+            .fetch_one(&mut *tx)
+            .await?;
+            if costed > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "{costed} events of {}/{} at or after {} are already costed with another price version; \
+                     choose a later effective_from",
+                    item.provider,
+                    item.model,
+                    import.effective_from.to_rfc3339()
+                )));
+            }
+        }
+        for chunk in import.create.chunks(INSERT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO price_versions (provider, model, effective_from_us, prompt, completion, cache_read, \
+                 cache_write, reasoning, per_request, per_image, web_search, source, imported_at_us) ",
+            );
+            qb.push_values(chunk, |mut b, (item, _)| {
+                let p = &item.prices;
+                b.push_bind(&item.provider)
+                    .push_bind(&item.model)
+                    .push_bind(from)
+                    .push_bind(p.prompt.value().to_string())
+                    .push_bind(p.completion.value().to_string())
+                    .push_bind(opt_text(p.cache_read))
+                    .push_bind(opt_text(p.cache_write))
+                    .push_bind(opt_text(p.reasoning))
+                    .push_bind(p.per_request.value().to_string())
+                    .push_bind(p.per_image.value().to_string())
+                    .push_bind(p.web_search.value().to_string())
+                    .push_bind(&import.source)
+                    .push_bind(micros(import.imported_at));
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        let new_revision: i64 = sqlx::query_scalar(
+            "UPDATE catalog_meta SET revision = revision + 1 WHERE id = 1 RETURNING revision",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(new_revision)
+    }
+
+    async fn insert_events(
+        &self,
+        events: &[PreparedEvent],
+        catalog_revision: i64,
+    ) -> StoreResult<InsertOutcome> {
+        let mut tx = self.write.begin().await?;
+        if Self::revision_in(&mut tx).await? != catalog_revision {
+            return Err(StoreError::CatalogChanged);
+        }
+        let mut inserted: HashSet<String> = HashSet::with_capacity(events.len());
+        for chunk in events.chunks(INSERT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO usage_events (id, content_hash, customer_id, ts_us, provider, model, input_tokens, \
+                 output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, requests, tags, \
+                 upstream_cost, price_version_id, cost, revenue, ingested_at_us, upstream, estimated) ",
+            );
+            qb.push_values(chunk, |mut b, p| {
+                let e = &p.event;
+                let tags = serde_json::to_string(&e.tags).unwrap_or_else(|_| "{}".into());
+                b.push_bind(e.id.as_str())
+                    .push_bind(&p.content_hash)
+                    .push_bind(e.customer_id.as_str())
+                    .push_bind(micros(e.timestamp))
+                    .push_bind(&e.provider)
+                    .push_bind(&e.model)
+                    .push_bind(u(e.usage.input()))
+                    .push_bind(u(e.usage.output()))
+                    .push_bind(u(e.usage.cached_input()))
+                    .push_bind(u(e.usage.cache_write()))
+                    .push_bind(u(e.usage.reasoning()))
+                    .push_bind(u(e.usage.requests()))
+                    .push_bind(tags)
+                    .push_bind(e.upstream_cost.map(|c| c.to_string()))
+                    .push_bind(p.pricing.as_ref().map(|x| x.price_version_id))
+                    .push_bind(p.pricing.as_ref().map(|x| x.cost.to_string()))
+                    .push_bind(p.pricing.as_ref().map(|x| x.revenue.to_string()))
+                    .push_bind(micros(p.ingested_at))
+                    .push_bind(e.upstream.as_deref())
+                    .push_bind(e.estimated);
+            });
+            qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+            let ids: Vec<String> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
+            inserted.extend(ids);
+        }
+        let leftovers: Vec<&PreparedEvent> = events
+            .iter()
+            .filter(|p| !inserted.contains(p.event.id.as_str()))
+            .collect();
+        for chunk in leftovers.chunks(INSERT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "SELECT id, content_hash FROM usage_events WHERE id IN (",
+            );
+            let mut sep = qb.separated(", ");
+            for p in chunk {
+                sep.push_bind(p.event.id.as_str());
+            }
+            qb.push(")");
+            let stored: HashMap<String, String> = qb
+                .build_query_as::<(String, String)>()
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+            for p in chunk {
+                if stored.get(p.event.id.as_str()) != Some(&p.content_hash) {
+                    return Err(StoreError::EventConflict {
+                        id: p.event.id.to_string(),
+                    });
+                }
+            }
+        }
+        // Wallet charges of the newly recorded prepaid events, in the same transaction.
+        let charged: Vec<&PreparedEvent> = events
+            .iter()
+            .filter(|p| p.event.prepaid_charge.is_some() && inserted.contains(p.event.id.as_str()))
+            .collect();
+        for chunk in charged.chunks(INSERT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO wallet_transactions (id, customer_id, kind, amount, currency, event_id, expires_at_us, created_at_us) \
+                 SELECT column1, column2, 'charge', column3, (SELECT currency FROM customers WHERE id = column2), \
+                 column4, NULL, column5 FROM (",
+            );
+            qb.push_values(chunk, |mut b, p| {
+                let c = p.event.prepaid_charge.unwrap_or_default();
+                b.push_bind(format!("charge:{}", p.event.id))
+                    .push_bind(p.event.customer_id.as_str())
+                    .push_bind((-c).to_string())
+                    .push_bind(p.event.id.as_str())
+                    .push_bind(micros(p.ingested_at));
+            });
+            qb.push(") AS v");
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        let unpriced = events
+            .iter()
+            .filter(|p| p.pricing.is_none() && inserted.contains(p.event.id.as_str()))
+            .count();
+        Ok(InsertOutcome {
+            accepted: inserted.len() as u64,
+            duplicates: leftovers.len() as u64,
+            unpriced: unpriced as u64,
+        })
+    }
+
+    async fn aggregate_usage(
+        &self,
+        filter: &UsageFilter,
+        agg: &mut UsageAggregator,
+    ) -> StoreResult<()> {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT customer_id, provider, model, ts_us, requests, input_tokens, output_tokens, cached_input_tokens, \
+             cache_write_tokens, reasoning_tokens, cost, revenue, estimated FROM usage_events WHERE 1 = 1",
+        );
+        if let Some(c) = &filter.customer_id {
+            qb.push(" AND customer_id = ").push_bind(c);
+        }
+        if let Some(t) = filter.from {
+            qb.push(" AND ts_us >= ").push_bind(micros(t));
+        }
+        if let Some(t) = filter.to {
+            qb.push(" AND ts_us < ").push_bind(micros(t));
+        }
+        if let Some(p) = &filter.provider {
+            qb.push(" AND provider = ").push_bind(p);
+        }
+        if let Some(m) = &filter.model {
+            qb.push(" AND model = ").push_bind(m);
+        }
+        for (k, v) in &filter.tags {
+            // Tag names are validated to [A-Za-z0-9_.-]; quoting makes '.' literal in the path.
+            qb.push(" AND json_extract(tags, ")
+                .push_bind(format!("$.\"{k}\""))
+                .push(") = ")
+                .push_bind(v);
+        }
+        let query = qb.build();
+        let mut rows = query.fetch(&self.read);
+        while let Some(r) = rows.try_next().await? {
+            let record = UsageRecord {
+                customer_id: r.try_get("customer_id")?,
+                provider: r.try_get("provider")?,
+                model: r.try_get("model")?,
+                timestamp: from_micros(r.try_get("ts_us")?)?,
+                requests: count(r.try_get("requests")?)?,
+                input_tokens: count(r.try_get("input_tokens")?)?,
+                output_tokens: count(r.try_get("output_tokens")?)?,
+                cached_input_tokens: count(r.try_get("cached_input_tokens")?)?,
+                cache_write_tokens: count(r.try_get("cache_write_tokens")?)?,
+                reasoning_tokens: count(r.try_get("reasoning_tokens")?)?,
+                cost: opt_dec(r.try_get("cost")?)?,
+                revenue: opt_dec(r.try_get("revenue")?)?,
+                estimated: r.try_get("estimated")?,
+            };
+            agg.add(&record)
+                .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?;
+        }
+        Ok(())
+    }
+
+    async fn unpriced_models(&self, customer_id: Option<&str>) -> StoreResult<Vec<UnpricedModel>> {
+        let rows = sqlx::query(
+            "SELECT provider, model, COUNT(*) AS events, SUM(requests) AS requests, SUM(input_tokens) AS input_tokens, \
+             SUM(output_tokens) AS output_tokens, MIN(ts_us) AS first_us, MAX(ts_us) AS last_us \
+             FROM usage_events WHERE cost IS NULL AND (?1 IS NULL OR customer_id = ?1) \
+             GROUP BY provider, model ORDER BY provider, model",
+        )
+        .bind(customer_id)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UnpricedModel {
+                    provider: r.try_get("provider")?,
+                    model: r.try_get("model")?,
+                    events: count(r.try_get("events")?)?,
+                    requests: count(r.try_get("requests")?)?,
+                    input_tokens: count(r.try_get("input_tokens")?)?,
+                    output_tokens: count(r.try_get("output_tokens")?)?,
+                    first_timestamp: from_micros(r.try_get("first_us")?)?,
+                    last_timestamp: from_micros(r.try_get("last_us")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn unpriced_events(&self, after: &str, limit: u32) -> StoreResult<Vec<UnpricedEvent>> {
+        let rows = sqlx::query(
+            "SELECT id, provider, model, ts_us, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, \
+             reasoning_tokens, requests FROM usage_events WHERE cost IS NULL AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let usage = TokenUsage::new(
+                    count(r.try_get("input_tokens")?)?,
+                    count(r.try_get("output_tokens")?)?,
+                    count(r.try_get("cached_input_tokens")?)?,
+                    count(r.try_get("cache_write_tokens")?)?,
+                    count(r.try_get("reasoning_tokens")?)?,
+                    count(r.try_get("requests")?)?,
+                )
+                .map_err(|e| {
+                    StoreError::Internal(anyhow::anyhow!("stored event is invalid: {e}"))
+                })?;
+                Ok(UnpricedEvent {
+                    id: r.try_get("id")?,
+                    provider: r.try_get("provider")?,
+                    model: r.try_get("model")?,
+                    timestamp: from_micros(r.try_get("ts_us")?)?,
+                    usage,
+                })
+            })
+            .collect()
+    }
+
+    async fn price_events(
+        &self,
+        pricing: &[(String, EventPricing)],
+        catalog_revision: i64,
+    ) -> StoreResult<u64> {
+        let mut tx = self.write.begin().await?;
+        if Self::revision_in(&mut tx).await? != catalog_revision {
+            return Err(StoreError::CatalogChanged);
+        }
+        let mut priced = 0;
+        for (id, p) in pricing {
+            let res = sqlx::query(
+                "UPDATE usage_events SET price_version_id = ?, cost = ?, revenue = ? WHERE id = ? AND cost IS NULL",
+            )
+            .bind(p.price_version_id)
+            .bind(p.cost.to_string())
+            .bind(p.revenue.to_string())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            priced += res.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(priced)
+    }
+
+    async fn count_events(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_events")
+            .fetch_one(&self.read)
+            .await?;
+        count(n)
+    }
+}

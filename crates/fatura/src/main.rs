@@ -1,0 +1,375 @@
+//! The `fatura` binary: parses the command line and starts things. Everything else lives
+//! in the library crates.
+
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use fatura_core::import::CatalogFormat;
+use fatura_core::{Currency, MarginRate};
+use fatura_server::service::Fatura;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, redact_url};
+
+/// fatura: metering, pricing and billing for AI platforms.
+#[derive(Debug, Parser)]
+#[command(name = "fatura", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Configuration file (TOML). Environment variables override it; flags override both.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Database URL: sqlite://PATH (default sqlite://fatura.db) or postgres://USER@HOST/DB.
+    #[arg(long, global = true, value_name = "URL")]
+    database: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP server (migrates the database first).
+    Serve {
+        /// Address to listen on (default 127.0.0.1:8080; env FATURA_LISTEN).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Run a mock LLM upstream (OpenAI/OpenRouter wire format, streaming included) for
+    /// tests, demos and benchmarks.
+    MockUpstream(MockArgs),
+    /// Manage customers.
+    #[command(subcommand)]
+    Customers(CustomersCommand),
+    /// Manage customer API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage the price catalog.
+    #[command(subcommand)]
+    Prices(PricesCommand),
+}
+
+#[derive(Debug, Args)]
+struct MockArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    listen: String,
+    /// Wire flavour: openai or openrouter (adds usage.cost, SSE comments).
+    #[arg(long, default_value = "openai")]
+    flavor: String,
+    /// Answer every request with this HTTP status.
+    #[arg(long)]
+    fail_status: Option<u16>,
+    /// Delay before answering, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Delay between stream chunks, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    chunk_delay_ms: u64,
+    /// Completion tokens per answer.
+    #[arg(long, default_value_t = 20)]
+    completion_tokens: u64,
+    /// Require this bearer key.
+    #[arg(long)]
+    api_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CustomersCommand {
+    /// Create a customer and print its id.
+    Create {
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Billing currency: USD, BRL or EUR.
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        /// Id to use (default: generated cus_…).
+        #[arg(long)]
+        id: Option<String>,
+        /// Prepaid: gateway calls reserve against the customer's wallet (default postpaid).
+        #[arg(long)]
+        prepaid: bool,
+    },
+    /// List customers (tab-separated: id, currency, created_at, name).
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create an API key for a customer and print it (shown this once; stored hashed).
+    Create {
+        /// Customer id.
+        #[arg(long)]
+        customer: String,
+    },
+    /// Revoke an API key by its id.
+    Revoke {
+        /// Key id (key_…).
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PricesCommand {
+    /// Import a catalog file as new price versions.
+    Import {
+        /// openrouter (GET /api/v1/models JSON) or litellm (LiteLLM price map).
+        #[arg(long)]
+        format: String,
+        /// The catalog file.
+        file: PathBuf,
+        /// openrouter: provider name to record (default openrouter). litellm: import only
+        /// entries whose litellm_provider is NAME.
+        #[arg(long, value_name = "NAME")]
+        provider: Option<String>,
+        /// RFC 3339 instant from which the prices apply (default: now).
+        #[arg(long, value_name = "RFC3339")]
+        effective_from: Option<String>,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("FATURA_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if std::env::var("FATURA_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn open(config: &Config) -> anyhow::Result<Arc<Fatura>> {
+    let store = fatura_store::connect(&config.database_url, config.max_connections)
+        .await
+        .with_context(|| format!("cannot open database {}", redact_url(&config.database_url)))?;
+    store
+        .migrate()
+        .await
+        .context("cannot migrate the database")?;
+    let margin = MarginRate::new(config.default_margin)?;
+    Ok(Arc::new(Fatura::new(store, margin)))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received: finishing in-flight requests");
+}
+
+fn parse_instant(s: &str) -> anyhow::Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .with_context(|| format!("--effective-from must be an RFC 3339 instant such as 2026-01-01T00:00:00Z, got {s:?}"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let listen = match &cli.command {
+        Command::Serve { listen } => listen.clone(),
+        _ => None,
+    };
+    let config = Config::load(
+        cli.global.config.as_deref(),
+        listen,
+        cli.global.database.clone(),
+    )?;
+    match cli.command {
+        Command::Serve { .. } => {
+            let admin_key = config.require_admin_key()?.to_string();
+            let fatura = open(&config).await?;
+            let listener = TcpListener::bind(&config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let addr = listener.local_addr()?;
+            let mut state = fatura_server::AppState::new(fatura.clone(), &admin_key);
+            let mut writer = None;
+            if let Some(gw) = config.gateway.clone() {
+                let (meter, w) = fatura_server::gateway::Meter::start(
+                    fatura.clone(),
+                    &gw,
+                    state.metrics.clone(),
+                );
+                let gateway =
+                    fatura_server::gateway::Gateway::new(gw, meter, |v| std::env::var(v).ok())
+                        .map_err(anyhow::Error::msg)?;
+                state = state.with_gateway(Arc::new(gateway));
+                writer = Some(w);
+            }
+            tracing::info!(%addr, database = %redact_url(&config.database_url), gateway = writer.is_some(), "fatura listening");
+            fatura_server::serve(listener, state, shutdown_signal()).await?;
+            if let Some(w) = writer {
+                // The server (and with it every handle on the queue) is gone: drain it.
+                w.finish().await;
+            }
+            tracing::info!("stopped");
+        }
+        Command::MockUpstream(m) => {
+            use fatura_server::mock::{Flavor, MockConfig, serve_mock};
+            let flavor = match m.flavor.as_str() {
+                "openai" => Flavor::OpenAi,
+                "openrouter" => Flavor::OpenRouter,
+                other => anyhow::bail!("unknown flavor {other:?}: expected openai or openrouter"),
+            };
+            let mock = MockConfig {
+                flavor,
+                fail_status: m.fail_status,
+                latency: std::time::Duration::from_millis(m.latency_ms),
+                chunk_delay: std::time::Duration::from_millis(m.chunk_delay_ms),
+                completion_tokens: m.completion_tokens,
+                api_key: m.api_key,
+                ..MockConfig::default()
+            };
+            let listener = TcpListener::bind(&m.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", m.listen))?;
+            tracing::info!(addr = %listener.local_addr()?, "mock upstream listening");
+            serve_mock(listener, mock, shutdown_signal()).await?;
+        }
+        Command::Migrate => {
+            open(&config).await?;
+            println!("database {} is migrated", redact_url(&config.database_url));
+        }
+        Command::Customers(CustomersCommand::Create {
+            name,
+            currency,
+            id,
+            prepaid,
+        }) => {
+            let currency: Currency = currency.parse()?;
+            let fatura = open(&config).await?;
+            let c = fatura
+                .create_customer(
+                    id.as_deref(),
+                    &name,
+                    currency,
+                    fatura_server::service::Billing {
+                        prepaid,
+                        monthly_spend_limit: None,
+                    },
+                    Utc::now(),
+                )
+                .await?;
+            println!("{}", c.id);
+        }
+        Command::Customers(CustomersCommand::List) => {
+            let fatura = open(&config).await?;
+            for c in fatura.store().list_customers().await? {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    c.id,
+                    c.currency,
+                    c.created_at.to_rfc3339(),
+                    c.name
+                );
+            }
+        }
+        Command::Keys(KeysCommand::Create { customer }) => {
+            let fatura = open(&config).await?;
+            let k = fatura.create_api_key(&customer, Utc::now()).await?;
+            eprintln!(
+                "key {} for customer {} (shown once; fatura keeps only its hash):",
+                k.record.id, customer
+            );
+            println!("{}", k.key);
+        }
+        Command::Keys(KeysCommand::Revoke { id }) => {
+            let fatura = open(&config).await?;
+            fatura.revoke_api_key(&id, Utc::now()).await?;
+            println!("revoked {id}");
+        }
+        Command::Prices(PricesCommand::Import {
+            format,
+            file,
+            provider,
+            effective_from,
+        }) => {
+            let format: CatalogFormat = format.parse().map_err(anyhow::Error::msg)?;
+            let effective_from = effective_from.as_deref().map(parse_instant).transpose()?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let fatura = open(&config).await?;
+            let now = Utc::now();
+            let r = fatura
+                .import_prices(
+                    format,
+                    &bytes,
+                    provider.as_deref(),
+                    effective_from.unwrap_or(now),
+                    now,
+                )
+                .await?;
+            println!(
+                "imported {} models effective from {}: {} new versions, {} unchanged, {} entries skipped, {} unpriced events now priced",
+                r.models,
+                r.effective_from.to_rfc3339(),
+                r.created,
+                r.unchanged,
+                r.skipped.len(),
+                r.events_priced
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! Black-box tests of the `fatura` binary: every command, its errors, and `serve` with a
+//! graceful shutdown on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fatura");
+const ADMIN: &str = "cli-admin-key-0123456789";
+
+fn fatura(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("FATURA_DATABASE_URL")
+        .env_remove("FATURA_LISTEN")
+        .env("FATURA_ADMIN_KEY", ADMIN)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_string()
+}
+
+#[test]
+fn every_command_has_help() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["migrate", "--help"],
+        vec!["customers", "--help"],
+        vec!["customers", "create", "--help"],
+        vec!["customers", "list", "--help"],
+        vec!["keys", "create", "--help"],
+        vec!["keys", "revoke", "--help"],
+        vec!["prices", "import", "--help"],
+    ] {
+        let o = fatura(dir.path(), &args);
+        assert!(o.status.success(), "{args:?}");
+        assert!(
+            stdout(&o).contains("Usage: fatura"),
+            "{args:?}: {}",
+            stdout(&o)
+        );
+    }
+    let o = fatura(dir.path(), &["frobnicate"]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn admin_commands_work_on_the_default_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = fatura(d, &["migrate"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        d.join("fatura.db").exists(),
+        "the default database is ./fatura.db"
+    );
+
+    let o = fatura(
+        d,
+        &[
+            "customers",
+            "create",
+            "--name",
+            "Acme Ltda",
+            "--currency",
+            "BRL",
+            "--id",
+            "acme",
+        ],
+    );
+    assert_eq!(stdout(&o), "acme", "{}", stderr(&o));
+    let o = fatura(d, &["customers", "create", "--name", "Other"]);
+    assert!(stdout(&o).starts_with("cus_"));
+    let o = fatura(d, &["customers", "list"]);
+    let list = stdout(&o);
+    assert_eq!(list.lines().count(), 2);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("acme\tBRL\t") && l.ends_with("\tAcme Ltda")),
+        "{list}"
+    );
+
+    // Errors: one clear line and a non-zero exit, nothing written.
+    for (args, needle) in [
+        (
+            vec!["customers", "create", "--name", "Again", "--id", "acme"],
+            "already exists",
+        ),
+        (
+            vec!["customers", "create", "--name", "X", "--currency", "JPY"],
+            "unsupported currency",
+        ),
+        (
+            vec!["keys", "create", "--customer", "nobody"],
+            "no customer",
+        ),
+        (
+            vec!["prices", "import", "--format", "csv", "x.json"],
+            "unknown catalog format",
+        ),
+        (
+            vec!["prices", "import", "--format", "litellm", "missing.json"],
+            "cannot read missing.json",
+        ),
+        (
+            vec![
+                "prices",
+                "import",
+                "--format",
+                "litellm",
+                "x.json",
+                "--effective-from",
+                "soon",
+            ],
+            "RFC 3339",
+        ),
+        (
+            vec!["--database", "mysql://x", "customers", "list"],
+            "unsupported database URL",
+        ),
+    ] {
+        let o = fatura(d, &args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        stdout(&fatura(d, &["customers", "list"])).lines().count(),
+        2
+    );
+
+    let o = fatura(d, &["keys", "create", "--customer", "acme"]);
+    let key = stdout(&o);
+    assert!(key.starts_with("fk_") && key.len() > 40, "{key}");
+    assert!(stderr(&o).contains("shown once"));
+
+    let litellm = common::fixture("litellm_model_prices.json");
+    let o = fatura(
+        d,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "litellm",
+            litellm.to_str().unwrap(),
+            "--effective-from",
+            "2026-01-01T00:00:00Z",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("new versions"), "{}", stdout(&o));
+    let o = fatura(
+        d,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "litellm",
+            litellm.to_str().unwrap(),
+            "--effective-from",
+            "2026-01-01T00:00:00Z",
+        ],
+    );
+    assert!(stdout(&o).contains(": 0 new versions"), "{}", stdout(&o));
+    let openrouter = common::fixture("openrouter_models.json");
+    let o = fatura(
+        d,
+        &[
+            "prices",
+            "import",
+            "--format",
+            "openrouter",
+            openrouter.to_str().unwrap(),
+        ],
+    );
+    assert!(stdout(&o).contains("imported 14 models"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_config_file_is_read_and_env_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fatura.toml"),
+        "database_url = \"sqlite://from-file.db\"\n",
+    )
+    .unwrap();
+    let o = fatura(d, &["--config", "fatura.toml", "migrate"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.join("from-file.db").exists());
+    let o = Command::new(BIN)
+        .args(["--config", "fatura.toml", "migrate"])
+        .current_dir(d)
+        .env("FATURA_DATABASE_URL", "sqlite://from-env.db")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(d.join("from-env.db").exists());
+    std::fs::write(d.join("bad.toml"), "databse_url = 3\n").unwrap();
+    let o = fatura(d, &["--config", "bad.toml", "migrate"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("invalid config file"), "{}", stderr(&o));
+}
+
+#[test]
+fn serve_refuses_to_start_without_an_admin_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_remove("FATURA_ADMIN_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no admin key"), "{}", stderr(&o));
+}
+
+/// A server process, killed and reaped if a test fails before it stops on its own.
+struct ServerProcess(std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `fatura serve` on a free port and returns the process and its address, read
+/// from the "fatura listening" log line.
+fn spawn_server(
+    dir: &Path,
+    database: &str,
+) -> (ServerProcess, String, std::sync::mpsc::Receiver<String>) {
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
+        .current_dir(dir)
+        .env("FATURA_ADMIN_KEY", ADMIN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = ServerProcess(child);
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("server did not start");
+        if let Some(rest) = line.split("addr=").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_string();
+            return (child, addr, rx);
+        }
+    }
+}
+
+fn serve_ingest_and_stop(database: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr, logs) = spawn_server(dir.path(), database);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let base = format!("http://{addr}");
+        let r = client.get(format!("{base}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let r = client
+            .post(format!("{base}/v1/customers"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"id": "bb", "name": "Black Box"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let key: Value = client
+            .post(format!("{base}/v1/customers/bb/keys"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let r = client
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(ADMIN)
+            .json(&common::event("bb-1", "bb", json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let usage: Value = client
+            .get(format!("{base}/v1/usage"))
+            .bearer_auth(key["key"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(usage["data"][0]["events"], 1);
+    });
+    // Graceful shutdown on SIGTERM.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let log: Vec<String> = logs.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("stopped")), "{log:?}");
+    // No secret reaches the log.
+    assert!(!log.iter().any(|l| l.contains(ADMIN)));
+}
+
+#[test]
+fn serve_on_sqlite_answers_and_stops_gracefully_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    serve_ingest_and_stop(&format!("sqlite://{}", dir.path().join("bb.db").display()));
+}
+
+#[test]
+fn serve_on_postgres_answers_and_stops_gracefully_on_sigterm() {
+    let admin = common::postgres_admin_url();
+    let name = format!("fatura_cli_{}", common::hex_id());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("PostgreSQL must be running");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        format!("{}/{name}", &admin[..admin.rfind('/').unwrap()])
+    });
+    serve_ingest_and_stop(&url);
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    });
+}
