@@ -14,6 +14,7 @@ pub mod event;
 pub mod ids;
 pub mod import;
 pub mod money;
+pub mod rating;
 pub mod usage;
 pub mod wallet;
 
