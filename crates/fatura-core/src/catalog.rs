@@ -146,6 +146,18 @@ impl Catalog {
     pub fn model_count(&self) -> usize {
         self.by_model.len()
     }
+
+    /// The versions of `(provider, model)`, oldest first.
+    pub fn versions_of(&self, provider: &str, model: &str) -> &[PriceVersion] {
+        self.by_model
+            .get(&(provider.to_string(), model.to_string()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Every version, in no particular order.
+    pub fn versions(&self) -> impl Iterator<Item = &PriceVersion> {
+        self.by_model.values().flatten()
+    }
 }
 
 /// Picks the version in force at `at` from versions sorted by `effective_from`.

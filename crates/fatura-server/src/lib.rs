@@ -98,6 +98,15 @@ impl AppState {
         api::prices::list_prices,
         api::usage::get_usage,
         api::usage::get_unpriced,
+        api::pricing::create_plan,
+        api::pricing::list_plans,
+        api::pricing::get_plan,
+        api::pricing::update_plan,
+        api::pricing::post_fx_rate,
+        api::pricing::list_fx_rates,
+        api::pricing::list_alerts,
+        api::pricing::get_upcoming,
+        api::pricing::get_price_changes,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -192,6 +201,24 @@ pub fn router(state: AppState) -> Router {
             post(api::wallet::add_credit),
         )
         .route("/v1/prices", get(api::prices::list_prices))
+        .route("/v1/prices/changes", get(api::pricing::get_price_changes))
+        .route(
+            "/v1/plans",
+            post(api::pricing::create_plan).get(api::pricing::list_plans),
+        )
+        .route(
+            "/v1/plans/{id}",
+            get(api::pricing::get_plan).patch(api::pricing::update_plan),
+        )
+        .route(
+            "/v1/fx-rates",
+            post(api::pricing::post_fx_rate).get(api::pricing::list_fx_rates),
+        )
+        .route("/v1/alerts", get(api::pricing::list_alerts))
+        .route(
+            "/v1/customers/{id}/upcoming",
+            get(api::pricing::get_upcoming),
+        )
         .route("/v1/usage", get(api::usage::get_usage))
         .route("/v1/usage/unpriced", get(api::usage::get_unpriced))
         .route("/healthz", get(api::healthz))

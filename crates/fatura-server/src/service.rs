@@ -60,11 +60,19 @@ impl From<StoreError> for ServiceError {
 /// Result alias.
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
-/// The catalog as of one revision.
+mod pricing;
+
+use pricing::{FloorHit, PricingBook};
+pub use pricing::{
+    KindMargin, MarginImpact, PlanInput, PlanView, PriceChange, PriceChanges, UnitPrices, Upcoming,
+};
+
+/// The pricing inputs (catalog, plans, assignments, exchange rates) as of one revision.
 #[derive(Debug, Default)]
 struct CatalogSnapshot {
     revision: i64,
     catalog: Catalog,
+    book: PricingBook,
 }
 
 /// What an ingestion did.
@@ -106,7 +114,8 @@ pub struct Billing {
     pub monthly_spend_limit: Option<Decimal>,
 }
 
-fn check_spend_limit(prepaid: bool, limit: Option<Decimal>) -> ServiceResult<()> {
+/// Checks a monthly spend limit for a customer (prepaid or not) without writing anything.
+pub fn check_spend_limit(prepaid: bool, limit: Option<Decimal>) -> ServiceResult<()> {
     match limit {
         None => Ok(()),
         Some(_) if prepaid => Err(ServiceError::Invalid(
@@ -135,6 +144,9 @@ pub struct Fatura {
     store: Arc<dyn Store>,
     margin: MarginRate,
     catalog: RwLock<Arc<CatalogSnapshot>>,
+    /// Floor alerts this process already raised (raising is idempotent; this only spares
+    /// the database a write per batch).
+    raised_alerts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Fatura {
@@ -170,27 +182,37 @@ fn dedupe_batch(events: Vec<(usize, UsageEvent)>) -> ServiceResult<(UniqueEvents
 }
 
 /// Costs (at the version in force) and rates every event; per-event errors are collected.
+/// Also returns where the margin floor was applied.
 fn prepare_batch(
-    catalog: &Catalog,
+    snapshot: &CatalogSnapshot,
     margin: MarginRate,
     unique: &UniqueEvents,
     now: DateTime<Utc>,
-) -> ServiceResult<Vec<PreparedEvent>> {
+) -> ServiceResult<(Vec<PreparedEvent>, Vec<FloorHit>)> {
     let mut prepared = Vec::with_capacity(unique.len());
     let mut errors = Vec::new();
+    let mut hits = Vec::new();
     for (index, event, hash) in unique {
         match price_with(
-            catalog,
+            snapshot,
             margin,
+            event.customer_id.as_str(),
             &event.provider,
             &event.model,
             event.timestamp,
             &event.usage,
         ) {
-            Ok(pricing) => prepared.push(PreparedEvent {
+            Ok(priced) => prepared.push(PreparedEvent {
                 event: event.clone(),
                 content_hash: hash.clone(),
-                pricing,
+                pricing: priced.map(|(pricing, hit)| {
+                    if let Some(hit) = hit
+                        && !hits.contains(&hit)
+                    {
+                        hits.push(hit);
+                    }
+                    pricing
+                }),
                 ingested_at: now,
             }),
             Err(msg) => errors.push((
@@ -202,35 +224,41 @@ fn prepare_batch(
         }
     }
     if errors.is_empty() {
-        Ok(prepared)
+        Ok((prepared, hits))
     } else {
         errors.sort_by_key(|e| e.0);
         Err(ServiceError::InvalidEvents(errors))
     }
 }
 
-/// Costs an event at the catalog version in force at its timestamp and rates it at the
-/// cost-plus `margin`. `None` when no price applies.
+/// Costs an event at the catalog version in force at its timestamp and prices it on its own
+/// under the customer's plan then (see [`PricingBook::provisional_price`]): the provisional
+/// price, USD. `None` when no catalog price applies.
 fn price_with(
-    catalog: &Catalog,
+    snapshot: &CatalogSnapshot,
     margin: MarginRate,
+    customer_id: &str,
     provider: &str,
     model: &str,
     at: DateTime<Utc>,
     usage: &fatura_core::TokenUsage,
-) -> Result<Option<EventPricing>, String> {
-    let Some(version) = catalog.price_at(provider, model, at) else {
+) -> Result<Option<(EventPricing, Option<FloorHit>)>, String> {
+    let Some(version) = snapshot.catalog.price_at(provider, model, at) else {
         return Ok(None);
     };
-    let cost = cost_usage(usage, &version.prices)
-        .map_err(|e| e.to_string())?
-        .total();
-    let revenue = margin.price_for_cost(cost).map_err(|e| e.to_string())?;
-    Ok(Some(EventPricing {
-        price_version_id: version.id,
-        cost,
-        revenue,
-    }))
+    let breakdown = cost_usage(usage, &version.prices).map_err(|e| e.to_string())?;
+    let (revenue, hit) = snapshot
+        .book
+        .provisional_price(margin, customer_id, provider, model, at, usage, &breakdown)
+        .map_err(|e| e.to_string())?;
+    Ok(Some((
+        EventPricing {
+            price_version_id: version.id,
+            cost: breakdown.total(),
+            revenue,
+        },
+        hit,
+    )))
 }
 
 /// The SHA-256 of an API key, hex encoded: how keys are stored and looked up.
@@ -252,8 +280,9 @@ impl Fatura {
             margin,
             catalog: RwLock::new(Arc::new(CatalogSnapshot {
                 revision: -1,
-                catalog: Catalog::default(),
+                ..Default::default()
             })),
+            raised_alerts: Default::default(),
         }
     }
 
@@ -365,10 +394,14 @@ impl Fatura {
     // ---- catalog ------------------------------------------------------------------------
 
     async fn reload_catalog(&self) -> ServiceResult<Arc<CatalogSnapshot>> {
+        // The revision is read first: a snapshot may be newer than its label (then the
+        // insert's revision check fails and it is reloaded), never older.
         let (revision, versions) = self.store.load_catalog().await?;
+        let pricing = self.store.load_pricing().await?;
         let snapshot = Arc::new(CatalogSnapshot {
             revision,
             catalog: Catalog::new(versions),
+            book: PricingBook::new(pricing),
         });
         if let Ok(mut guard) = self.catalog.write()
             && guard.revision < revision
@@ -382,34 +415,38 @@ impl Fatura {
         self.catalog.read().map(|g| g.clone()).unwrap_or_default()
     }
 
-    /// Costs an event at the catalog version in force at its timestamp and rates it at the
-    /// default cost-plus margin. `None` when no price applies.
-    fn price_event(
-        &self,
-        catalog: &Catalog,
-        provider: &str,
-        model: &str,
-        at: DateTime<Utc>,
-        usage: &fatura_core::TokenUsage,
-    ) -> Result<Option<EventPricing>, String> {
-        price_with(catalog, self.margin, provider, model, at, usage)
+    /// The current snapshot, loading it on first use.
+    async fn snapshot(&self) -> ServiceResult<Arc<CatalogSnapshot>> {
+        let snapshot = self.cached_catalog();
+        if snapshot.revision < 0 {
+            return self.reload_catalog().await;
+        }
+        Ok(snapshot)
     }
 
-    /// The catalog cost and default price of `usage` on `(provider, model)` at `at`, from
-    /// the cached catalog; `None` when no price applies.
+    /// The catalog cost and the customer's provisional price (USD, its plan's price of this
+    /// usage on its own) of `usage` on `(provider, model)` at `at`, from the cached
+    /// snapshot; `None` when no catalog price applies.
     pub async fn quote(
         &self,
+        customer_id: &str,
         provider: &str,
         model: &str,
         at: DateTime<Utc>,
         usage: &fatura_core::TokenUsage,
     ) -> ServiceResult<Option<EventPricing>> {
-        let mut snapshot = self.cached_catalog();
-        if snapshot.revision < 0 {
-            snapshot = self.reload_catalog().await?;
-        }
-        self.price_event(&snapshot.catalog, provider, model, at, usage)
-            .map_err(ServiceError::Invalid)
+        let snapshot = self.snapshot().await?;
+        price_with(
+            &snapshot,
+            self.margin,
+            customer_id,
+            provider,
+            model,
+            at,
+            usage,
+        )
+        .map(|p| p.map(|(pricing, _)| pricing))
+        .map_err(ServiceError::Invalid)
     }
 
     /// Imports a catalog file as new price versions effective from `effective_from`, then
@@ -486,14 +523,16 @@ impl Fatura {
             let snapshot = self.reload_catalog().await?;
             let mut pricing = Vec::new();
             for e in &page {
-                match self.price_event(
-                    &snapshot.catalog,
+                match price_with(
+                    &snapshot,
+                    self.margin,
+                    &e.customer_id,
                     &e.provider,
                     &e.model,
                     e.timestamp,
                     &e.usage,
                 ) {
-                    Ok(Some(p)) => pricing.push((e.id.clone(), p)),
+                    Ok(Some((p, _))) => pricing.push((e.id.clone(), p)),
                     Ok(None) => {}
                     Err(err) => tracing::warn!(event = %e.id, error = %err, "cannot price event"),
                 }
@@ -576,26 +615,24 @@ impl Fatura {
             tokio::task::spawn_blocking(move || dedupe_batch(events))
                 .await
                 .map_err(|e| ServiceError::Internal(anyhow::anyhow!(e)))??;
-        let mut snapshot = self.cached_catalog();
-        if snapshot.revision < 0 {
-            snapshot = self.reload_catalog().await?;
-        }
+        let mut snapshot = self.snapshot().await?;
         for _ in 0..CATALOG_RETRIES {
             let (snap, margin) = (snapshot.clone(), self.margin);
             let (returned, prepared) = tokio::task::spawn_blocking(move || {
-                let prepared = prepare_batch(&snap.catalog, margin, &unique, now);
+                let prepared = prepare_batch(&snap, margin, &unique, now);
                 (unique, prepared)
             })
             .await
             .map_err(|e| ServiceError::Internal(anyhow::anyhow!(e)))?;
             unique = returned;
-            let prepared = prepared?;
+            let (prepared, hits) = prepared?;
             match self.store.insert_events(&prepared, snapshot.revision).await {
                 Ok(InsertOutcome {
                     accepted,
                     duplicates,
                     unpriced,
                 }) => {
+                    self.raise_floor_alerts(hits, now).await;
                     return Ok(IngestOutcome {
                         accepted,
                         duplicates: duplicates + in_batch_duplicates,

@@ -15,9 +15,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use fatura_core::catalog::PriceVersion;
 use fatura_core::import::ImportedPrice;
+use fatura_core::rating::PlanTerms;
 use fatura_core::usage::UsageAggregator;
 use fatura_core::{Currency, UsageEvent};
 use rust_decimal::Decimal;
@@ -209,6 +210,8 @@ pub struct UnpricedModel {
 pub struct UnpricedEvent {
     /// Event id.
     pub id: String,
+    /// Customer.
+    pub customer_id: String,
     /// Provider.
     pub provider: String,
     /// Model.
@@ -217,6 +220,126 @@ pub struct UnpricedEvent {
     pub timestamp: DateTime<Utc>,
     /// Counts.
     pub usage: fatura_core::TokenUsage,
+}
+
+/// A plan version: the plan's name and terms from `effective_from` on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanVersionRecord {
+    /// Plan id.
+    pub plan_id: String,
+    /// 1, 2, …
+    pub version: i64,
+    /// Display name.
+    pub name: String,
+    /// First instant the version applies.
+    pub effective_from: DateTime<Utc>,
+    /// The terms.
+    pub terms: PlanTerms,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// From `effective_from` on, the customer is on `plan_id` (`None`: the default plan).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanAssignment {
+    /// Customer.
+    pub customer_id: String,
+    /// First instant.
+    pub effective_from: DateTime<Utc>,
+    /// Plan.
+    pub plan_id: Option<String>,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An exchange rate: `rate` units of `currency` per 1 USD, published for `date`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FxRate {
+    /// Target currency (not USD).
+    pub currency: Currency,
+    /// The day it applies from.
+    pub date: NaiveDate,
+    /// Units of `currency` per USD.
+    pub rate: Decimal,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A change to the pricing inputs. Each is written in one transaction that also bumps the
+/// catalog revision, so that events being costed and rated meanwhile are rated again.
+#[derive(Debug, Clone)]
+pub enum PricingChange {
+    /// A new plan with its first version; `Conflict` if the id exists.
+    CreatePlan(PlanVersionRecord),
+    /// A new version of an existing plan; `Conflict` if that version number exists.
+    AddPlanVersion(PlanVersionRecord),
+    /// A plan assignment; `Conflict` if the customer already has one at that instant.
+    AssignPlan(PlanAssignment),
+    /// An exchange rate; the same rate again is a no-op, another rate for the same day is a
+    /// `Conflict` (rates, once used, are history).
+    PutFxRate(FxRate),
+}
+
+/// Every pricing input.
+#[derive(Debug, Clone, Default)]
+pub struct PricingData {
+    /// Every version of every plan, by plan id then version.
+    pub versions: Vec<PlanVersionRecord>,
+    /// Every assignment, by customer then time.
+    pub assignments: Vec<PlanAssignment>,
+    /// Every rate, by currency then date.
+    pub fx_rates: Vec<FxRate>,
+}
+
+/// An operator alert, deduplicated by `dedupe_key`: raising it again bumps `occurrences`
+/// and `last_seen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRecord {
+    /// Id (`alr_…`).
+    pub id: String,
+    /// What makes two alerts the same.
+    pub dedupe_key: String,
+    /// `floor_applied`, …
+    pub kind: String,
+    /// `warning` or `critical`.
+    pub severity: String,
+    /// Customer concerned.
+    pub customer_id: Option<String>,
+    /// Plan concerned.
+    pub plan_id: Option<String>,
+    /// Provider concerned.
+    pub provider: Option<String>,
+    /// Model concerned.
+    pub model: Option<String>,
+    /// Machine-readable reason.
+    pub reason: Option<String>,
+    /// For people.
+    pub message: String,
+    /// First raised.
+    pub first_seen: DateTime<Utc>,
+    /// Last raised.
+    pub last_seen: DateTime<Utc>,
+    /// Times raised.
+    pub occurrences: i64,
+}
+
+/// A stored event as rating reads it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// Id.
+    pub id: String,
+    /// Timestamp.
+    pub timestamp: DateTime<Utc>,
+    /// Provider.
+    pub provider: String,
+    /// Model.
+    pub model: String,
+    /// Counts.
+    pub usage: fatura_core::TokenUsage,
+    /// Catalog version it was costed with (`None`: unpriced).
+    pub price_version_id: Option<i64>,
+    /// Its cost, USD.
+    pub cost: Option<Decimal>,
 }
 
 /// The storage interface of fatura.
@@ -293,6 +416,27 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<u64>;
     /// Number of stored events (for tests and metrics).
     async fn count_events(&self) -> StoreResult<u64>;
+
+    /// Applies a pricing change and bumps the catalog revision (see [`PricingChange`]).
+    /// Returns the new revision.
+    async fn apply_pricing_change(&self, change: &PricingChange) -> StoreResult<i64>;
+    /// Every plan version, assignment and exchange rate. Read after the catalog revision
+    /// (`load_catalog`), so that a snapshot is never newer than the revision it is labelled
+    /// with.
+    async fn load_pricing(&self) -> StoreResult<PricingData>;
+    /// Raises an alert (insert, or bump the one with the same `dedupe_key`).
+    async fn raise_alert(&self, alert: &AlertRecord) -> StoreResult<()>;
+    /// Alerts, most recently seen first.
+    async fn list_alerts(&self) -> StoreResult<Vec<AlertRecord>>;
+    /// A customer's events with `from <= timestamp < to`.
+    async fn customer_events(
+        &self,
+        customer_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    /// Ids of the price versions imported at or after `since`.
+    async fn versions_imported_since(&self, since: DateTime<Utc>) -> StoreResult<Vec<i64>>;
 }
 
 /// Opens the store for a database URL: `sqlite://path` (created if missing) or
@@ -323,6 +467,15 @@ pub(crate) fn from_micros(us: i64) -> StoreResult<DateTime<Utc>> {
 pub(crate) fn count(v: i64) -> StoreResult<u64> {
     u64::try_from(v)
         .map_err(|_| StoreError::Internal(anyhow::anyhow!("negative count in database: {v}")))
+}
+
+pub(crate) fn terms_json(terms: &PlanTerms) -> StoreResult<String> {
+    serde_json::to_string(terms).map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))
+}
+
+pub(crate) fn parse_terms(json: &str) -> StoreResult<PlanTerms> {
+    serde_json::from_str(json)
+        .map_err(|e| StoreError::Internal(anyhow::anyhow!("bad plan terms in database: {e}")))
 }
 
 /// Rows per multi-row INSERT statement (20 binds each, well under both databases' limits).

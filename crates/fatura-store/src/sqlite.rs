@@ -24,9 +24,10 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use crate::{
-    ApiKeyRecord, Customer, EventPricing, INSERT_CHUNK, InsertOutcome, PreparedEvent, PriceImport,
-    Store, StoreError, StoreResult, UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction,
-    count, from_micros, micros,
+    AlertRecord, ApiKeyRecord, Customer, EventPricing, FxRate, INSERT_CHUNK, InsertOutcome,
+    PlanAssignment, PlanVersionRecord, PreparedEvent, PriceImport, PricingChange, PricingData,
+    Store, StoreError, StoreResult, StoredEvent, UnpricedEvent, UnpricedModel, UsageFilter,
+    WalletTransaction, count, from_micros, micros, parse_terms, terms_json,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -590,7 +591,7 @@ impl Store for SqliteStore {
 
     async fn unpriced_events(&self, after: &str, limit: u32) -> StoreResult<Vec<UnpricedEvent>> {
         let rows = sqlx::query(
-            "SELECT id, provider, model, ts_us, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, \
+            "SELECT id, customer_id, provider, model, ts_us, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, \
              reasoning_tokens, requests FROM usage_events WHERE cost IS NULL AND id > ? ORDER BY id LIMIT ?",
         )
         .bind(after)
@@ -599,23 +600,13 @@ impl Store for SqliteStore {
         .await?;
         rows.iter()
             .map(|r| {
-                let usage = TokenUsage::new(
-                    count(r.try_get("input_tokens")?)?,
-                    count(r.try_get("output_tokens")?)?,
-                    count(r.try_get("cached_input_tokens")?)?,
-                    count(r.try_get("cache_write_tokens")?)?,
-                    count(r.try_get("reasoning_tokens")?)?,
-                    count(r.try_get("requests")?)?,
-                )
-                .map_err(|e| {
-                    StoreError::Internal(anyhow::anyhow!("stored event is invalid: {e}"))
-                })?;
                 Ok(UnpricedEvent {
                     id: r.try_get("id")?,
+                    customer_id: r.try_get("customer_id")?,
                     provider: r.try_get("provider")?,
                     model: r.try_get("model")?,
                     timestamp: from_micros(r.try_get("ts_us")?)?,
-                    usage,
+                    usage: usage_from_row(r)?,
                 })
             })
             .collect()
@@ -653,4 +644,265 @@ impl Store for SqliteStore {
             .await?;
         count(n)
     }
+
+    async fn apply_pricing_change(&self, change: &PricingChange) -> StoreResult<i64> {
+        let mut tx = self.write.begin().await?;
+        match change {
+            PricingChange::CreatePlan(v) => {
+                let res = sqlx::query(
+                    "INSERT INTO plans (id, created_at_us) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(&v.plan_id)
+                .bind(micros(v.created_at))
+                .execute(&mut *tx)
+                .await?;
+                if res.rows_affected() == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "plan {:?} already exists",
+                        v.plan_id
+                    )));
+                }
+                insert_plan_version(&mut tx, v).await?;
+            }
+            PricingChange::AddPlanVersion(v) => insert_plan_version(&mut tx, v).await?,
+            PricingChange::AssignPlan(a) => {
+                let res = sqlx::query(
+                    "INSERT INTO customer_plans (customer_id, effective_from_us, plan_id, created_at_us) \
+                     VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                )
+                .bind(&a.customer_id)
+                .bind(micros(a.effective_from))
+                .bind(&a.plan_id)
+                .bind(micros(a.created_at))
+                .execute(&mut *tx)
+                .await?;
+                if res.rows_affected() == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "customer {:?} already has a plan assignment at {}",
+                        a.customer_id,
+                        a.effective_from.to_rfc3339()
+                    )));
+                }
+            }
+            PricingChange::PutFxRate(r) => {
+                let existing: Option<String> = sqlx::query_scalar(
+                    "SELECT rate FROM fx_rates WHERE currency = ? AND rate_date = ?",
+                )
+                .bind(r.currency.code())
+                .bind(r.date.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+                match existing {
+                    Some(old) if dec(&old)? == r.rate => {
+                        return Self::revision_in(&mut tx).await;
+                    }
+                    Some(old) => {
+                        return Err(StoreError::Conflict(format!(
+                            "the USD→{} rate for {} is already {old}; rates are history and are not replaced",
+                            r.currency, r.date
+                        )));
+                    }
+                    None => {}
+                }
+                sqlx::query(
+                    "INSERT INTO fx_rates (currency, rate_date, rate, created_at_us) VALUES (?, ?, ?, ?)",
+                )
+                .bind(r.currency.code())
+                .bind(r.date.to_string())
+                .bind(r.rate.to_string())
+                .bind(micros(r.created_at))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let revision: i64 = sqlx::query_scalar(
+            "UPDATE catalog_meta SET revision = revision + 1 WHERE id = 1 RETURNING revision",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(revision)
+    }
+
+    async fn load_pricing(&self) -> StoreResult<PricingData> {
+        let mut tx = self.read.begin().await?;
+        let versions = sqlx::query("SELECT * FROM plan_versions ORDER BY plan_id, version")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| {
+                let terms: String = r.try_get("terms")?;
+                Ok(PlanVersionRecord {
+                    plan_id: r.try_get("plan_id")?,
+                    version: r.try_get("version")?,
+                    name: r.try_get("name")?,
+                    effective_from: from_micros(r.try_get("effective_from_us")?)?,
+                    terms: parse_terms(&terms)?,
+                    created_at: from_micros(r.try_get("created_at_us")?)?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        let assignments =
+            sqlx::query("SELECT * FROM customer_plans ORDER BY customer_id, effective_from_us")
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(PlanAssignment {
+                        customer_id: r.try_get("customer_id")?,
+                        effective_from: from_micros(r.try_get("effective_from_us")?)?,
+                        plan_id: r.try_get("plan_id")?,
+                        created_at: from_micros(r.try_get("created_at_us")?)?,
+                    })
+                })
+                .collect::<StoreResult<Vec<_>>>()?;
+        let fx_rates = sqlx::query("SELECT * FROM fx_rates ORDER BY currency, rate_date")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| {
+                let currency: String = r.try_get("currency")?;
+                let date: String = r.try_get("rate_date")?;
+                Ok(FxRate {
+                    currency: Currency::from_str(&currency)
+                        .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
+                    date: chrono::NaiveDate::from_str(&date)
+                        .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
+                    rate: dec(r.try_get("rate")?)?,
+                    created_at: from_micros(r.try_get("created_at_us")?)?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(PricingData {
+            versions,
+            assignments,
+            fx_rates,
+        })
+    }
+
+    async fn raise_alert(&self, a: &AlertRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO alerts (id, dedupe_key, kind, severity, customer_id, plan_id, provider, model, reason, \
+             message, first_seen_us, last_seen_us, occurrences) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) \
+             ON CONFLICT (dedupe_key) DO UPDATE SET last_seen_us = MAX(alerts.last_seen_us, excluded.last_seen_us), \
+             occurrences = alerts.occurrences + 1, message = excluded.message",
+        )
+        .bind(&a.id)
+        .bind(&a.dedupe_key)
+        .bind(&a.kind)
+        .bind(&a.severity)
+        .bind(&a.customer_id)
+        .bind(&a.plan_id)
+        .bind(&a.provider)
+        .bind(&a.model)
+        .bind(&a.reason)
+        .bind(&a.message)
+        .bind(micros(a.first_seen))
+        .bind(micros(a.last_seen))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_alerts(&self) -> StoreResult<Vec<AlertRecord>> {
+        sqlx::query("SELECT * FROM alerts ORDER BY last_seen_us DESC, id")
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(AlertRecord {
+                    id: r.try_get("id")?,
+                    dedupe_key: r.try_get("dedupe_key")?,
+                    kind: r.try_get("kind")?,
+                    severity: r.try_get("severity")?,
+                    customer_id: r.try_get("customer_id")?,
+                    plan_id: r.try_get("plan_id")?,
+                    provider: r.try_get("provider")?,
+                    model: r.try_get("model")?,
+                    reason: r.try_get("reason")?,
+                    message: r.try_get("message")?,
+                    first_seen: from_micros(r.try_get("first_seen_us")?)?,
+                    last_seen: from_micros(r.try_get("last_seen_us")?)?,
+                    occurrences: r.try_get("occurrences")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn customer_events(
+        &self,
+        customer_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let mut rows = sqlx::query(
+            "SELECT id, ts_us, provider, model, input_tokens, output_tokens, cached_input_tokens, \
+             cache_write_tokens, reasoning_tokens, requests, price_version_id, cost FROM usage_events \
+             WHERE customer_id = ? AND ts_us >= ? AND ts_us < ?",
+        )
+        .bind(customer_id)
+        .bind(micros(from))
+        .bind(micros(to))
+        .fetch(&self.read);
+        let mut out = Vec::new();
+        while let Some(r) = rows.try_next().await? {
+            out.push(StoredEvent {
+                id: r.try_get("id")?,
+                timestamp: from_micros(r.try_get("ts_us")?)?,
+                provider: r.try_get("provider")?,
+                model: r.try_get("model")?,
+                usage: usage_from_row(&r)?,
+                price_version_id: r.try_get("price_version_id")?,
+                cost: opt_dec(r.try_get("cost")?)?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn versions_imported_since(&self, since: DateTime<Utc>) -> StoreResult<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM price_versions WHERE imported_at_us >= ? ORDER BY id",
+        )
+        .bind(micros(since))
+        .fetch_all(&self.read)
+        .await?)
+    }
+}
+
+async fn insert_plan_version(
+    tx: &mut sqlx::SqliteConnection,
+    v: &PlanVersionRecord,
+) -> StoreResult<()> {
+    let res = sqlx::query(
+        "INSERT INTO plan_versions (plan_id, version, name, effective_from_us, terms, created_at_us) \
+         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(&v.plan_id)
+    .bind(v.version)
+    .bind(&v.name)
+    .bind(micros(v.effective_from))
+    .bind(terms_json(&v.terms)?)
+    .bind(micros(v.created_at))
+    .execute(&mut *tx)
+    .await?;
+    if res.rows_affected() == 0 {
+        return Err(StoreError::Conflict(format!(
+            "plan {:?} changed meanwhile (version {} exists); retry",
+            v.plan_id, v.version
+        )));
+    }
+    Ok(())
+}
+
+fn usage_from_row(r: &SqliteRow) -> StoreResult<TokenUsage> {
+    TokenUsage::new(
+        count(r.try_get("input_tokens")?)?,
+        count(r.try_get("output_tokens")?)?,
+        count(r.try_get("cached_input_tokens")?)?,
+        count(r.try_get("cache_write_tokens")?)?,
+        count(r.try_get("reasoning_tokens")?)?,
+        count(r.try_get("requests")?)?,
+    )
+    .map_err(|e| StoreError::Internal(anyhow::anyhow!("stored event is invalid: {e}")))
 }

@@ -29,6 +29,8 @@ pub struct CustomerOut {
     pub billing_mode: String,
     /// Postpaid monthly spend limit (USD), if any.
     pub monthly_spend_limit: Option<String>,
+    /// The plan in force now (`null`: the default plan, cost-plus at the default margin).
+    pub plan_id: Option<String>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
 }
@@ -41,6 +43,7 @@ impl From<Customer> for CustomerOut {
             currency: c.currency.code().to_string(),
             billing_mode: if c.prepaid { "prepaid" } else { "postpaid" }.to_string(),
             monthly_spend_limit: c.monthly_spend_limit.map(|d| d.to_string()),
+            plan_id: None,
             created_at: c.created_at,
         }
     }
@@ -70,6 +73,25 @@ pub struct UpdateCustomer {
     /// Postpaid only: the monthly spend limit (decimal string, USD), or null to remove it.
     #[serde(default, deserialize_with = "present")]
     pub monthly_spend_limit: Option<Option<String>>,
+    /// The plan to put the customer on (null: back to the default plan), from
+    /// `plan_effective_from`. The plan must bill in the customer's currency.
+    #[serde(default, deserialize_with = "present")]
+    pub plan_id: Option<Option<String>>,
+    /// RFC 3339 instant the plan applies from (default now; not before the customer's
+    /// latest plan change). Within a cycle, each plan rates its own part of the cycle.
+    pub plan_effective_from: Option<String>,
+}
+
+/// Fills in the plan in force now.
+async fn with_plan(state: &AppState, c: Customer) -> Result<CustomerOut, ApiError> {
+    let (plan_id, _) = state
+        .fatura
+        .customer_plan(&c.id, Utc::now())
+        .await
+        .map_err(service_error)?;
+    let mut out = CustomerOut::from(c);
+    out.plan_id = plan_id;
+    Ok(out)
 }
 
 /// Distinguishes an absent field (`None`) from an explicit null (`Some(None)`).
@@ -206,7 +228,13 @@ pub async fn list_customers(
         .await
         .map_err(|e| ApiError::internal(&e))?;
     Ok(ApiJson(CustomerList {
-        data: list.into_iter().map(Into::into).collect(),
+        data: {
+            let mut out = Vec::with_capacity(list.len());
+            for c in list {
+                out.push(with_plan(&state, c).await?);
+            }
+            out
+        },
     }))
 }
 
@@ -223,8 +251,33 @@ pub async fn update_customer(
     ApiJson(req): ApiJson<UpdateCustomer>,
 ) -> Result<ApiJson<CustomerOut>, ApiError> {
     let mut customer = state.fatura.customer(&id).await.map_err(service_error)?;
-    if let Some(limit) = req.monthly_spend_limit {
-        let limit = parse_limit(limit.as_deref())?;
+    // Everything is checked before anything is written.
+    let limit = req
+        .monthly_spend_limit
+        .as_ref()
+        .map(|l| parse_limit(l.as_deref()))
+        .transpose()?;
+    if let Some(limit) = limit {
+        crate::service::check_spend_limit(customer.prepaid, limit).map_err(service_error)?;
+    }
+    let effective_from =
+        super::prices::instant("plan_effective_from", req.plan_effective_from.as_deref())?;
+    if effective_from.is_some() && req.plan_id.is_none() {
+        return Err(ApiError::unprocessable(
+            "invalid_request",
+            "plan_effective_from: only with plan_id",
+            Vec::new(),
+        ));
+    }
+    if let Some(plan_id) = &req.plan_id {
+        let now = Utc::now();
+        state
+            .fatura
+            .assign_plan(&id, plan_id.as_deref(), effective_from.unwrap_or(now), now)
+            .await
+            .map_err(service_error)?;
+    }
+    if let Some(limit) = limit {
         customer = state
             .fatura
             .set_spend_limit(&id, limit)
@@ -233,7 +286,7 @@ pub async fn update_customer(
         // Cached keys carry the limit: drop them so the change applies at once.
         state.keys.forget(None, Some(&id));
     }
-    Ok(ApiJson(customer.into()))
+    Ok(ApiJson(with_plan(&state, customer).await?))
 }
 
 /// One customer.
@@ -247,7 +300,7 @@ pub async fn get_customer(
     Path(id): Path<String>,
 ) -> Result<ApiJson<CustomerOut>, ApiError> {
     let c = state.fatura.customer(&id).await.map_err(service_error)?;
-    Ok(ApiJson(c.into()))
+    Ok(ApiJson(with_plan(&state, c).await?))
 }
 
 /// Creates an API key for a customer; the key is in this response only.

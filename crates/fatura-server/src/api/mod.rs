@@ -3,6 +3,7 @@
 pub mod customers;
 pub mod events;
 pub mod prices;
+pub mod pricing;
 pub mod usage;
 pub mod wallet;
 

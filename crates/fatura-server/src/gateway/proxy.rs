@@ -153,7 +153,13 @@ impl CallContext {
         for model in [&event.model, &self.requested_model] {
             if let Ok(Some(p)) = self
                 .fatura
-                .quote(&event.provider, model, event.timestamp, &event.usage)
+                .quote(
+                    &self.customer_id,
+                    &event.provider,
+                    model,
+                    event.timestamp,
+                    &event.usage,
+                )
                 .await
             {
                 return Some(p.revenue);
@@ -636,7 +642,13 @@ async fn reserve(
         };
         let quote = state
             .fatura
-            .quote(&upstream.catalog_provider(), upstream_model, at, &usage)
+            .quote(
+                customer_id,
+                &upstream.catalog_provider(),
+                upstream_model,
+                at,
+                &usage,
+            )
             .await
             .map_err(|e| ApiError::internal(&e).into_response())?;
         if let Some(q) = quote {
@@ -866,50 +878,46 @@ impl Drop for MeteredStream {
     }
 }
 
-/// `GET /v1/models`: the models this customer can call, with its per-token prices (USD,
-/// the default cost-plus price).
+/// `GET /v1/models`: the models this customer can call, with its prices per unit under its
+/// plan (the same engine that rates its invoices: plan price, raised to the margin floor),
+/// in the plan's currency.
 pub async fn list_models(State(state): State<AppState>, caller: Caller) -> Response {
     let Some(gateway) = state.gateway.clone() else {
         return ApiError::not_found("the gateway is not configured on this server").into_response();
     };
-    if let Caller::Admin = caller {
+    let Caller::Customer { customer_id, .. } = caller else {
         return ApiError::forbidden(
             "the gateway is called with a customer API key, not the admin key",
         )
         .into_response();
-    }
-    let versions = match state.fatura.prices(None, None, Some(Utc::now())).await {
+    };
+    let now = Utc::now();
+    let versions = match state.fatura.prices(None, None, Some(now)).await {
         Ok(v) => v,
         Err(e) => return ApiError::internal(&e).into_response(),
     };
-    let margin = state.fatura.margin();
-    let price = |p: fatura_core::UnitPrice| {
-        margin
-            .price_for_cost(p.value())
-            .map(|d| d.to_string())
-            .unwrap_or_default()
-    };
-    let data: Vec<Value> = versions
-        .into_iter()
-        .filter(|v| {
-            gateway
-                .config
-                .chain_for(&v.model)
-                .and_then(|c| c.first().map(|u| u.catalog_provider() == v.provider))
-                .unwrap_or(false)
-        })
-        .map(|v| {
-            let p = &v.prices;
-            json!({
-                "id": v.model, "object": "model", "created": v.effective_from.timestamp(), "owned_by": v.provider,
-                "pricing": {
-                    "currency": "USD",
-                    "prompt": price(p.prompt), "completion": price(p.completion),
-                    "cache_read": p.cache_read.map(price), "cache_write": p.cache_write.map(price),
-                    "reasoning": p.reasoning.map(price), "request": price(p.per_request),
-                }
-            })
-        })
-        .collect();
+    let mut data: Vec<Value> = Vec::new();
+    for v in versions.into_iter().filter(|v| {
+        gateway
+            .config
+            .chain_for(&v.model)
+            .and_then(|c| c.first().map(|u| u.catalog_provider() == v.provider))
+            .unwrap_or(false)
+    }) {
+        let pricing = match state.fatura.unit_prices(&customer_id, &v, now).await {
+            Ok(Some(p)) => json!({
+                "currency": p.currency.code(),
+                "prompt": p.prompt.to_string(), "completion": p.completion.to_string(),
+                "cache_read": p.cache_read.to_string(), "cache_write": p.cache_write.to_string(),
+                "reasoning": p.reasoning.to_string(), "request": p.request.to_string(),
+            }),
+            Ok(None) => Value::Null,
+            Err(e) => return ApiError::internal(&e).into_response(),
+        };
+        data.push(json!({
+            "id": v.model, "object": "model", "created": v.effective_from.timestamp(),
+            "owned_by": v.provider, "pricing": pricing,
+        }));
+    }
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
