@@ -172,9 +172,11 @@ impl Money {
     /// Rounds to the currency's minor unit, **half to even**. This is the only place in
     /// fatura where amounts are rounded to minor units.
     pub fn round_to_minor(self) -> Money {
-        let amount = self
+        let mut amount = self
             .amount
             .round_dp_with_strategy(self.currency.minor_units(), ROUNDING);
+        // Pad to the minor unit's decimals (`10` → `10.00`): one textual form per amount.
+        amount.rescale(self.currency.minor_units());
         Money::new(amount, self.currency)
     }
 

@@ -708,6 +708,13 @@ fn round_minor(amount: Decimal, currency: Currency) -> Decimal {
     Money::new(amount, currency).round_to_minor().amount()
 }
 
+/// Writes an amount already in minor units with exactly the currency's decimals
+/// (`10` → `10.00`), so that amounts have one textual form.
+fn minor_scale(mut amount: Decimal, currency: Currency) -> Decimal {
+    amount.rescale(currency.minor_units());
+    amount
+}
+
 struct Priced<'a> {
     event: &'a RatableEvent,
     line: usize,
@@ -932,8 +939,9 @@ pub fn rate_segment(
         };
         line.subtotal = round_minor(line.subtotal_exact, currency);
         line.amount = round_minor(line.amount_exact, currency);
-        line.discount = (line.subtotal - line.amount).max(Decimal::ZERO);
-        line.floor_adjustment = (line.amount - line.subtotal).max(Decimal::ZERO);
+        line.discount = minor_scale((line.subtotal - line.amount).max(Decimal::ZERO), currency);
+        line.floor_adjustment =
+            minor_scale((line.amount - line.subtotal).max(Decimal::ZERO), currency);
         usage_total = add(usage_total, line.amount)?;
     }
     lines.sort_by(|a, b| (&a.provider, &a.model).cmp(&(&b.provider, &b.model)));
@@ -945,9 +953,10 @@ pub fn rate_segment(
         mul(terms.monthly_minimum, segment.cycle_fraction)?,
         currency,
     );
-    let included_credits_applied = included.min(usage_total);
+    let usage_total = minor_scale(usage_total, currency);
+    let included_credits_applied = minor_scale(included.min(usage_total), currency);
     let after_credits = usage_total - included_credits_applied;
-    let minimum_adjustment = (minimum - after_credits).max(Decimal::ZERO);
+    let minimum_adjustment = minor_scale((minimum - after_credits).max(Decimal::ZERO), currency);
     Ok(RatedSegment {
         segment: segment.clone(),
         fx_rate: fx,

@@ -13,7 +13,7 @@ CREATE TABLE plan_versions (
     name              TEXT NOT NULL,
     effective_from_us BIGINT NOT NULL,
     terms             TEXT NOT NULL,
-    created_at_us     INTEGER NOT NULL,
+    created_at_us     BIGINT NOT NULL,
     PRIMARY KEY (plan_id, version)
 );
 
@@ -21,7 +21,7 @@ CREATE TABLE customer_plans (
     customer_id       TEXT NOT NULL REFERENCES customers(id),
     effective_from_us BIGINT NOT NULL,
     plan_id           TEXT REFERENCES plans(id),
-    created_at_us     INTEGER NOT NULL,
+    created_at_us     BIGINT NOT NULL,
     PRIMARY KEY (customer_id, effective_from_us)
 );
 
@@ -45,7 +45,7 @@ CREATE TABLE alerts (
     reason        TEXT,
     message       TEXT NOT NULL,
     first_seen_us BIGINT NOT NULL,
-    last_seen_us  INTEGER NOT NULL,
+    last_seen_us  BIGINT NOT NULL,
     occurrences   BIGINT NOT NULL
 );
 CREATE INDEX price_versions_imported ON price_versions(imported_at_us);

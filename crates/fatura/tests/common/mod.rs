@@ -68,6 +68,14 @@ impl TestApp {
         backend: Backend,
         gateway: Option<fatura_server::gateway::GatewayConfig>,
     ) -> TestApp {
+        // Server logs go to the test's output (shown for failing tests); RUST_LOG filters.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let (database_url, pg_database) = match backend {
             Backend::Sqlite => (
