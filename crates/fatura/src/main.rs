@@ -59,6 +59,69 @@ enum Command {
     /// Manage the price catalog.
     #[command(subcommand)]
     Prices(PricesCommand),
+    /// Manage pricing plans (the JSON bodies of POST/PATCH /v1/plans).
+    #[command(subcommand)]
+    Plans(PlansCommand),
+    /// Manage exchange rates (USD to BRL or EUR).
+    #[command(subcommand, name = "fx-rates")]
+    FxRates(FxCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PlansCommand {
+    /// Create a plan from a JSON file (as POST /v1/plans) and print it.
+    Create {
+        /// The plan, e.g. {"id": "growth", "name": "Growth", "currency": "USD",
+        /// "kind": "cost_plus", "margin": "0.9"}.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// List plans (tab-separated: id, version, currency, kind, name).
+    List,
+    /// Print a plan and its versions as JSON.
+    Show {
+        /// Plan id.
+        id: String,
+    },
+    /// Add a version to a plan from a JSON file of the fields to change (as PATCH
+    /// /v1/plans/ID) and print it.
+    Update {
+        /// Plan id.
+        id: String,
+        /// The changes, e.g. {"margin": "0.92", "effective_from": "2026-12-01T00:00:00Z"}.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Put a customer on a plan from an instant (default now).
+    Assign {
+        /// Customer id.
+        #[arg(long)]
+        customer: String,
+        /// Plan id, or "default" for the default plan.
+        #[arg(long)]
+        plan: String,
+        /// RFC 3339 instant the plan applies from (default now).
+        #[arg(long, value_name = "RFC3339")]
+        effective_from: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FxCommand {
+    /// Record the USD→CURRENCY rate of a day.
+    Set {
+        /// BRL or EUR.
+        #[arg(long)]
+        currency: String,
+        /// The day it applies from (YYYY-MM-DD).
+        #[arg(long)]
+        date: String,
+        /// Units of CURRENCY per 1 USD, e.g. 5.4321.
+        #[arg(long)]
+        rate: String,
+    },
+    /// List rates (tab-separated: currency, date, rate).
+    List,
 }
 
 #[derive(Debug, Args)]
@@ -345,6 +408,86 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.unchanged,
                 r.skipped.len(),
                 r.events_priced
+            );
+        }
+        Command::Plans(cmd) => plans(&config, cmd).await?,
+        Command::FxRates(FxCommand::Set {
+            currency,
+            date,
+            rate,
+        }) => {
+            let currency: Currency = currency.parse()?;
+            let date: chrono::NaiveDate = date
+                .parse()
+                .with_context(|| format!("--date must be YYYY-MM-DD, got {date:?}"))?;
+            let rate: rust_decimal::Decimal = rate.trim().parse().with_context(|| {
+                format!("--rate must be a decimal such as 5.4321, got {rate:?}")
+            })?;
+            let fatura = open(&config).await?;
+            let r = fatura.put_fx_rate(currency, date, rate, Utc::now()).await?;
+            println!("{}\t{}\t{}", r.currency, r.date, r.rate);
+        }
+        Command::FxRates(FxCommand::List) => {
+            let fatura = open(&config).await?;
+            for r in fatura.fx_rates(None).await? {
+                println!("{}\t{}\t{}", r.currency, r.date, r.rate);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(file: &std::path::Path) -> anyhow::Result<T> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a valid plan body", file.display()))
+}
+
+async fn plans(config: &Config, cmd: PlansCommand) -> anyhow::Result<()> {
+    use fatura_server::api::pricing::{create_plan_with, plan_out, update_plan_with};
+    let now = Utc::now();
+    match cmd {
+        PlansCommand::Create { file } => {
+            let body = read_json(&file)?;
+            let fatura = open(config).await?;
+            let out = create_plan_with(&fatura, body, now).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        PlansCommand::Update { id, file } => {
+            let body = read_json(&file)?;
+            let fatura = open(config).await?;
+            let out = update_plan_with(&fatura, &id, body, now).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        PlansCommand::List => {
+            let fatura = open(config).await?;
+            for p in fatura.plans(now).await? {
+                let out = plan_out(p);
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    out.id, out.version, out.currency, out.kind, out.name
+                );
+            }
+        }
+        PlansCommand::Show { id } => {
+            let fatura = open(config).await?;
+            let out = plan_out(fatura.plan(&id, now).await?);
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        PlansCommand::Assign {
+            customer,
+            plan,
+            effective_from,
+        } => {
+            let at = effective_from.as_deref().map(parse_instant).transpose()?;
+            let fatura = open(config).await?;
+            let plan_id = (plan != "default").then_some(plan.as_str());
+            fatura
+                .assign_plan(&customer, plan_id, at.unwrap_or(now), now)
+                .await?;
+            println!(
+                "customer {customer} is on plan {plan} from {}",
+                at.unwrap_or(now).to_rfc3339()
             );
         }
     }

@@ -46,6 +46,14 @@ fn every_command_has_help() {
         vec!["keys", "create", "--help"],
         vec!["keys", "revoke", "--help"],
         vec!["prices", "import", "--help"],
+        vec!["plans", "--help"],
+        vec!["plans", "create", "--help"],
+        vec!["plans", "list", "--help"],
+        vec!["plans", "show", "--help"],
+        vec!["plans", "update", "--help"],
+        vec!["plans", "assign", "--help"],
+        vec!["fx-rates", "set", "--help"],
+        vec!["fx-rates", "list", "--help"],
     ] {
         let o = fatura(dir.path(), &args);
         assert!(o.status.success(), "{args:?}");
@@ -386,4 +394,109 @@ fn serve_on_postgres_answers_and_stops_gracefully_on_sigterm() {
             .await
             .unwrap();
     });
+}
+
+#[test]
+fn plans_and_rates_are_managed_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let write = |name: &str, v: Value| {
+        let p = d.join(name);
+        std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+        p.display().to_string()
+    };
+    let plan = write(
+        "plan.json",
+        json!({"id": "growth", "name": "Growth", "currency": "USD", "kind": "cost_plus", "margin": "0.9",
+               "tiers": {"metric": "spend", "mode": "graduated",
+                         "tiers": [{"up_to": "1000", "discount": "0"}, {"up_to": null, "discount": "0.05"}]}}),
+    );
+    let o = fatura(d, &["plans", "create", "--file", &plan]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(out["id"], "growth");
+    assert_eq!(out["margin_floor"], "0.87");
+    // A bad plan: one line, non-zero, nothing created.
+    let bad = write(
+        "bad.json",
+        json!({"id": "bad", "name": "Bad", "currency": "USD", "kind": "cost_plus", "margin": "0.5"}),
+    );
+    let o = fatura(d, &["plans", "create", "--file", &bad]);
+    assert!(!o.status.success());
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("margin"), "{}", stderr(&o));
+    let o = fatura(d, &["plans", "create", "--file", "/nonexistent.json"]);
+    assert!(!o.status.success());
+    let change = write(
+        "change.json",
+        json!({"margin": "0.92", "effective_from": "2030-01-01T00:00:00Z"}),
+    );
+    let o = fatura(d, &["plans", "update", "growth", "--file", &change]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = fatura(d, &["plans", "show", "growth"]);
+    let out: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(out["versions"].as_array().unwrap().len(), 2);
+    assert_eq!(out["margin"], "0.9", "version 2 starts in 2030");
+    let o = fatura(d, &["plans", "list"]);
+    assert_eq!(stdout(&o), "growth\t1\tUSD\tcost_plus\tGrowth");
+    let o = fatura(
+        d,
+        &["customers", "create", "--name", "Acme", "--id", "acme"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = fatura(
+        d,
+        &["plans", "assign", "--customer", "acme", "--plan", "growth"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = fatura(
+        d,
+        &["plans", "assign", "--customer", "acme", "--plan", "nope"],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no plan"), "{}", stderr(&o));
+    let o = fatura(
+        d,
+        &[
+            "fx-rates",
+            "set",
+            "--currency",
+            "BRL",
+            "--date",
+            "2026-11-01",
+            "--rate",
+            "5.4321",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = fatura(
+        d,
+        &[
+            "fx-rates",
+            "set",
+            "--currency",
+            "BRL",
+            "--date",
+            "2026-11-01",
+            "--rate",
+            "6",
+        ],
+    );
+    assert!(!o.status.success(), "a day's rate is not replaced");
+    let o = fatura(
+        d,
+        &[
+            "fx-rates",
+            "set",
+            "--currency",
+            "BRL",
+            "--date",
+            "yesterday",
+            "--rate",
+            "6",
+        ],
+    );
+    assert!(!o.status.success());
+    let o = fatura(d, &["fx-rates", "list"]);
+    assert_eq!(stdout(&o), "BRL\t2026-11-01\t5.4321");
 }

@@ -22,6 +22,7 @@ on_both_backends!(
     embeddings_and_models_are_served,
     shutdown_drains_every_pending_event,
     prepaid_calls_settle_to_their_price_and_get_402_when_short,
+    reservations_charges_and_model_prices_follow_the_customers_plan,
     concurrent_calls_cannot_overspend_a_prepaid_balance,
     wallet_credits_are_validated_and_wallets_isolated,
     sync_durability_answers_after_the_commit,
@@ -1136,4 +1137,62 @@ async fn wallet_credits_are_validated_and_wallets_isolated(backend: Backend) {
         )
         .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+}
+
+async fn reservations_charges_and_model_prices_follow_the_customers_plan(backend: Backend) {
+    let s = setup(backend, MockConfig::default(), "").await;
+    let key = prepaid_customer(&s.app, "pre", "1.00").await;
+    // A list plan: "flat" at 20,000 per 1M completion tokens = 0.02 per token, twice the
+    // default cost-plus price (0.0013 / 0.13 = 0.01).
+    let (st, body) = s
+        .app
+        .post(
+            "/v1/plans",
+            &json!({"id": "dear", "name": "Dear", "currency": "USD", "kind": "list",
+                    "list_prices": [{"pattern": "flat", "prompt": "0", "completion": "20000"}],
+                    "effective_from": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let (st, body) = s
+        .app
+        .patch(
+            "/v1/customers/pre",
+            &json!({"plan_id": "dear", "plan_effective_from": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (st, models) = s.app.get_as(Some(&key), "/v1/models").await;
+    assert_eq!(st, StatusCode::OK);
+    let flat = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "flat")
+        .unwrap_or_else(|| panic!("{models}"));
+    assert_eq!(flat["pricing"]["completion"], "0.02", "{flat}");
+    assert_eq!(flat["pricing"]["currency"], "USD");
+    // max_tokens 60 reserves 60 × 0.02 = 1.20 > 1.00: refused (it would pass at the
+    // default price, 0.60).
+    let gw = s.app.url("/v1");
+    let out = python(
+        &gw,
+        &key,
+        "chat",
+        json!({"model": "flat", "max_tokens": 60}),
+    )
+    .await;
+    assert_eq!(out["status_error"], 402, "{out}");
+    // 4 completion tokens settle at 4 × 0.02 = 0.08.
+    let out = python(
+        &gw,
+        &key,
+        "chat",
+        json!({"model": "flat", "max_tokens": 10, "mock": {"completion_tokens": 4}}),
+    )
+    .await;
+    assert!(out.get("response").is_some(), "{out}");
+    usage_when(&s.app, 1, "").await;
+    let w = wallet(&s.app, "pre").await;
+    assert_eq!(w["balance"], "0.92", "{w}");
 }

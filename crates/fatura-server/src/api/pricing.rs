@@ -21,7 +21,7 @@ use super::prices::{PriceOut, instant};
 use crate::AppState;
 use crate::auth::{Admin, Caller};
 use crate::error::{ApiError, ApiJson, ErrorBody};
-use crate::service::{MarginImpact, PlanInput, PlanView, PriceChanges, Upcoming};
+use crate::service::{Fatura, MarginImpact, PlanInput, PlanView, PriceChanges, Upcoming};
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::unprocessable("invalid_request", message, Vec::new())
@@ -277,7 +277,8 @@ pub struct PlanOut {
     pub versions: Vec<PlanVersionOut>,
 }
 
-fn plan_out(view: PlanView) -> PlanOut {
+/// The API shape of a plan.
+pub fn plan_out(view: PlanView) -> PlanOut {
     let v = view.current;
     let t = v.terms;
     PlanOut {
@@ -365,7 +366,16 @@ pub async fn create_plan(
     _admin: Admin,
     ApiJson(body): ApiJson<PlanBody>,
 ) -> Result<(StatusCode, ApiJson<PlanOut>), ApiError> {
-    let now = Utc::now();
+    let out = create_plan_with(&state.fatura, body, Utc::now()).await?;
+    Ok((StatusCode::CREATED, ApiJson(out)))
+}
+
+/// Creates a plan from a request body (shared by the API and the CLI).
+pub async fn create_plan_with(
+    fatura: &Fatura,
+    body: PlanBody,
+    now: DateTime<Utc>,
+) -> Result<PlanOut, ApiError> {
     let name = body.name.clone().ok_or_else(|| invalid("name: required"))?;
     let currency = parse_currency(
         body.currency
@@ -377,13 +387,12 @@ pub async fn create_plan(
             .as_deref()
             .ok_or_else(|| invalid("kind: required"))?,
     )?;
-    let mut base = PlanTerms::default_for(currency, state.fatura.margin());
+    let mut base = PlanTerms::default_for(currency, fatura.margin());
     base.kind = kind;
     base.margin = None;
     let terms = body.apply(base)?;
     let effective_from = instant("effective_from", body.effective_from.as_deref())?.unwrap_or(now);
-    let view = state
-        .fatura
+    let view = fatura
         .create_plan(
             body.id.as_deref(),
             PlanInput {
@@ -395,7 +404,7 @@ pub async fn create_plan(
         )
         .await
         .map_err(service_error)?;
-    Ok((StatusCode::CREATED, ApiJson(plan_out(view))))
+    Ok(plan_out(view))
 }
 
 /// Lists plans (each as the version in force now).
@@ -448,11 +457,22 @@ pub async fn update_plan(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<PlanBody>,
 ) -> Result<ApiJson<PlanOut>, ApiError> {
-    let now = Utc::now();
+    Ok(ApiJson(
+        update_plan_with(&state.fatura, &id, body, Utc::now()).await?,
+    ))
+}
+
+/// Adds a plan version from a request body (shared by the API and the CLI).
+pub async fn update_plan_with(
+    fatura: &Fatura,
+    id: &str,
+    body: PlanBody,
+    now: DateTime<Utc>,
+) -> Result<PlanOut, ApiError> {
     if body.id.is_some() {
         return Err(invalid("id: a plan's id cannot change"));
     }
-    let view = state.fatura.plan(&id, now).await.map_err(service_error)?;
+    let view = fatura.plan(id, now).await.map_err(service_error)?;
     let latest = view
         .versions
         .iter()
@@ -461,10 +481,9 @@ pub async fn update_plan(
         .clone();
     let terms = body.apply(latest.terms.clone())?;
     let effective_from = instant("effective_from", body.effective_from.as_deref())?.unwrap_or(now);
-    let view = state
-        .fatura
+    let view = fatura
         .update_plan(
-            &id,
+            id,
             PlanInput {
                 name: body.name.clone().unwrap_or(latest.name),
                 terms,
@@ -474,7 +493,7 @@ pub async fn update_plan(
         )
         .await
         .map_err(service_error)?;
-    Ok(ApiJson(plan_out(view)))
+    Ok(plan_out(view))
 }
 
 // ---- exchange rates -----------------------------------------------------------------------
