@@ -29,9 +29,7 @@ use fatura_core::rating::{
     ListPrice, PlanKind, PlanTerms, RatableEvent, Segment, Tier, TierMetric, TierMode, Tiers,
     rate_segment,
 };
-use fatura_core::{
-    CostBreakdown, Currency, CustomerId, EventId, MarginRate, TokenUsage, UsageEvent, cost_usage,
-};
+use fatura_core::{Currency, CustomerId, EventId, MarginRate, TokenUsage, UsageEvent, cost_usage};
 use fatura_server::service::{Fatura, PlanInput};
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -172,9 +170,12 @@ fn plans() -> Vec<PlanTerms> {
     ]
 }
 
+/// One generated event: usage, model index, timestamp, id.
+type GenEvent = (TokenUsage, usize, DateTime<Utc>, String);
+
 struct Generated {
-    /// Per customer: (usage, model index, timestamp, id).
-    events: Vec<Vec<(TokenUsage, usize, DateTime<Utc>, String)>>,
+    /// Per customer.
+    events: Vec<Vec<GenEvent>>,
 }
 
 fn generate(args: &Args, start: DateTime<Utc>) -> Generated {
@@ -268,7 +269,6 @@ async fn main() -> anyhow::Result<()> {
         engine_totals.push(s.total);
     }
     let engine = t.elapsed();
-    let _: &CostBreakdown = ratable[0][0].cost.as_ref().unwrap();
 
     let rate = |n: usize, dur: std::time::Duration| n as f64 / dur.as_secs_f64();
     println!(
