@@ -8,6 +8,7 @@
 //! clock. Everything it needs (timestamps, catalog versions, margins) is passed in, so
 //! every function here is deterministic and property-testable.
 
+pub mod billing;
 pub mod catalog;
 pub mod costing;
 pub mod event;

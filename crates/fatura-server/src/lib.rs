@@ -12,6 +12,7 @@ pub mod error;
 pub mod gateway;
 pub mod metrics;
 pub mod mock;
+pub mod render;
 pub mod service;
 pub mod wallet;
 
@@ -57,6 +58,8 @@ pub struct AppState {
     pub keys: Arc<auth::KeyCache>,
     /// Prepaid balances and reservations.
     pub wallets: Arc<wallet::WalletBook>,
+    /// Billing policy (grace period).
+    pub billing: service::BillingPolicy,
 }
 
 impl AppState {
@@ -70,7 +73,14 @@ impl AppState {
             admin_key_hash: Arc::from(hash_api_key(admin_key)),
             metrics: Arc::new(Metrics::default()),
             gateway: None,
+            billing: service::BillingPolicy::default(),
         }
+    }
+
+    /// Sets the billing policy.
+    pub fn with_billing(mut self, billing: service::BillingPolicy) -> Self {
+        self.billing = billing;
+        self
     }
 
     /// Adds the gateway (its meter must have been started with this state's metrics).
@@ -107,6 +117,12 @@ impl AppState {
         api::pricing::list_alerts,
         api::pricing::get_upcoming,
         api::pricing::get_price_changes,
+        api::invoices::list_invoices,
+        api::invoices::get_invoice,
+        api::invoices::finalize_invoice,
+        api::invoices::void_invoice,
+        api::invoices::create_credit_note,
+        api::invoices::run_billing,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -215,6 +231,18 @@ pub fn router(state: AppState) -> Router {
             post(api::pricing::post_fx_rate).get(api::pricing::list_fx_rates),
         )
         .route("/v1/alerts", get(api::pricing::list_alerts))
+        .route("/v1/invoices", get(api::invoices::list_invoices))
+        .route("/v1/invoices/{id}", get(api::invoices::get_invoice))
+        .route(
+            "/v1/invoices/{id}/finalize",
+            post(api::invoices::finalize_invoice),
+        )
+        .route("/v1/invoices/{id}/void", post(api::invoices::void_invoice))
+        .route(
+            "/v1/invoices/{id}/credit-notes",
+            post(api::invoices::create_credit_note),
+        )
+        .route("/v1/billing/run", post(api::invoices::run_billing))
         .route(
             "/v1/customers/{id}/upcoming",
             get(api::pricing::get_upcoming),

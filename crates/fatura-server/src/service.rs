@@ -60,7 +60,13 @@ impl From<StoreError> for ServiceError {
 /// Result alias.
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
+mod billing;
 mod pricing;
+
+pub use billing::{
+    BillingPolicy, DocLine, DocQuantities, DocSection, DocTier, DocUnitPrices, InvoiceDocument,
+    RunReport, cycle_spec, document_of,
+};
 
 use pricing::{FloorHit, PricingBook};
 pub use pricing::{
@@ -106,12 +112,35 @@ pub struct ImportReport {
 }
 
 /// How a customer pays.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Billing {
     /// Prepaid (wallet) rather than postpaid.
     pub prepaid: bool,
     /// Postpaid only: the most the customer's calls may cost per UTC month, USD.
     pub monthly_spend_limit: Option<Decimal>,
+    /// Cycle, time zone, payment terms, tax, invoice language.
+    pub settings: fatura_store::BillingSettings,
+}
+
+/// Checks billing settings without writing anything.
+pub fn check_billing_settings(s: &fatura_store::BillingSettings) -> ServiceResult<()> {
+    fatura_core::billing::CycleSpec::new(s.anchor_day, &s.timezone)
+        .map_err(|e| ServiceError::Invalid(e.to_string()))?;
+    if s.payment_terms_days > 365 {
+        return Err(ServiceError::Invalid("payment_terms_days: 0 to 365".into()));
+    }
+    if let Some(t) = s.tax_rate
+        && (t.is_sign_negative() || t >= Decimal::ONE || t.normalize().scale() > 6)
+    {
+        return Err(ServiceError::Invalid(
+            "tax_rate: a fraction from 0 to below 1 with at most 6 decimal places (e.g. \"0.05\")"
+                .into(),
+        ));
+    }
+    if s.locale != "en" && s.locale != "pt-BR" {
+        return Err(ServiceError::Invalid("locale: en or pt-BR".into()));
+    }
+    Ok(())
 }
 
 /// Checks a monthly spend limit for a customer (prepaid or not) without writing anything.
@@ -309,6 +338,7 @@ impl Fatura {
     ) -> ServiceResult<Customer> {
         let prepaid = billing.prepaid;
         check_spend_limit(prepaid, billing.monthly_spend_limit)?;
+        check_billing_settings(&billing.settings)?;
         let id = match id {
             Some(id) => {
                 CustomerId::parse(id).map_err(|e| ServiceError::Invalid(format!("id: {e}")))?
@@ -334,10 +364,27 @@ impl Fatura {
             currency,
             prepaid,
             monthly_spend_limit: billing.monthly_spend_limit.map(|d| d.normalize()),
+            billing: billing.settings.clone(),
+            stripe_customer_id: None,
+            status: "active".into(),
+            status_reason: None,
             created_at: now,
         };
         self.store.create_customer(&customer).await?;
         Ok(customer)
+    }
+
+    /// Changes a customer's billing settings.
+    pub async fn set_billing_settings(
+        &self,
+        id: &str,
+        settings: &fatura_store::BillingSettings,
+    ) -> ServiceResult<Customer> {
+        check_billing_settings(settings)?;
+        if !self.store.update_billing_settings(id, settings).await? {
+            return Err(ServiceError::NotFound(format!("no customer {id:?}")));
+        }
+        self.customer(id).await
     }
 
     /// Sets or clears a postpaid customer's monthly spend limit.

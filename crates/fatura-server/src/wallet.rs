@@ -214,6 +214,16 @@ impl WalletBook {
         Ok(())
     }
 
+    /// Adds a credit the store already recorded (e.g. an invoice's prepaid rebate, written
+    /// in the invoice's transaction) to a loaded wallet.
+    pub async fn credited(&self, customer_id: &str, amount: Decimal) {
+        let entry = self.entry(customer_id);
+        let mut state = entry.lock().await;
+        if state.loaded {
+            state.balance += amount;
+        }
+    }
+
     /// The current view (loads the wallet if needed).
     pub async fn view(&self, customer_id: &str) -> Result<BalanceView, StoreError> {
         let entry = self.entry(customer_id);

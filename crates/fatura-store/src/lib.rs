@@ -75,6 +75,14 @@ pub struct Customer {
     pub prepaid: bool,
     /// For postpaid customers: the most their calls may cost per UTC month (USD).
     pub monthly_spend_limit: Option<Decimal>,
+    /// Billing cycle, tax and invoice language.
+    pub billing: BillingSettings,
+    /// The Stripe customer, created on first need.
+    pub stripe_customer_id: Option<String>,
+    /// `active` or `suspended` (unpaid invoices: the gateway refuses calls).
+    pub status: String,
+    /// Why suspended.
+    pub status_reason: Option<String>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
 }
@@ -222,6 +230,88 @@ pub struct UnpricedEvent {
     pub usage: fatura_core::TokenUsage,
 }
 
+/// How and when a customer is billed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingSettings {
+    /// Day of the month cycles start (1–28).
+    pub anchor_day: u32,
+    /// IANA time zone whose midnight starts a cycle.
+    pub timezone: String,
+    /// Days from finalisation to the due date.
+    pub payment_terms_days: u32,
+    /// Tax as a fraction of the subtotal (e.g. 0.05), if any.
+    pub tax_rate: Option<Decimal>,
+    /// Language of the invoice: `en` or `pt-BR`.
+    pub locale: String,
+}
+
+impl Default for BillingSettings {
+    fn default() -> Self {
+        BillingSettings {
+            anchor_day: 1,
+            timezone: "UTC".into(),
+            payment_terms_days: 30,
+            tax_rate: None,
+            locale: "en".into(),
+        }
+    }
+}
+
+/// An invoice or a credit note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvoiceRecord {
+    /// Id (`inv_…`, `cn_…`).
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// `invoice` or `credit_note`.
+    pub kind: String,
+    /// Gapless number, set at finalisation (`FAT-2026-000123`).
+    pub number: Option<String>,
+    /// `draft`, `open`, `paid` or `void`.
+    pub status: String,
+    /// Cycle start.
+    pub period_start: DateTime<Utc>,
+    /// Cycle end (exclusive).
+    pub period_end: DateTime<Utc>,
+    /// Currency.
+    pub currency: Currency,
+    /// Rated total before tax.
+    pub subtotal: Decimal,
+    /// Tax.
+    pub tax: Decimal,
+    /// subtotal + tax.
+    pub total: Decimal,
+    /// Paid from the prepaid wallet.
+    pub prepaid_applied: Decimal,
+    /// Wallet payments beyond the total, credited back.
+    pub prepaid_excess: Decimal,
+    /// total − prepaid_applied.
+    pub amount_due: Decimal,
+    /// The full breakdown, JSON.
+    pub document: String,
+    /// For credit notes: the invoice corrected.
+    pub corrects_invoice_id: Option<String>,
+    /// Events billed (for an invoice).
+    pub events: i64,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Finalised.
+    pub finalized_at: Option<DateTime<Utc>>,
+    /// Due.
+    pub due_at: Option<DateTime<Utc>>,
+    /// Paid.
+    pub paid_at: Option<DateTime<Utc>>,
+    /// Voided.
+    pub voided_at: Option<DateTime<Utc>>,
+    /// Collection attempts.
+    pub payment_attempts: i64,
+    /// Processor reference (PaymentIntent or refund id).
+    pub payment_reference: Option<String>,
+    /// Last collection failure.
+    pub last_payment_error: Option<String>,
+}
+
 /// A plan version: the plan's name and terms from `effective_from` on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanVersionRecord {
@@ -340,6 +430,8 @@ pub struct StoredEvent {
     pub price_version_id: Option<i64>,
     /// Its cost, USD.
     pub cost: Option<Decimal>,
+    /// Its provisional price, USD (what a prepaid wallet was charged).
+    pub revenue: Option<Decimal>,
 }
 
 /// The storage interface of fatura.
@@ -437,6 +529,65 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<StoredEvent>>;
     /// Ids of the price versions imported at or after `since`.
     async fn versions_imported_since(&self, since: DateTime<Utc>) -> StoreResult<Vec<i64>>;
+
+    /// Sets a customer's billing settings; false if no such customer.
+    async fn update_billing_settings(&self, id: &str, s: &BillingSettings) -> StoreResult<bool>;
+    /// Sets a customer's status (`active`/`suspended`) and its reason.
+    async fn set_customer_status(
+        &self,
+        id: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> StoreResult<bool>;
+    /// Records the customer's Stripe id (only if it has none yet); returns the id it has.
+    async fn set_stripe_customer_id(&self, id: &str, stripe_id: &str) -> StoreResult<String>;
+    /// A customer's events before `before` not billed by any invoice yet.
+    async fn uninvoiced_events(
+        &self,
+        customer_id: &str,
+        before: DateTime<Utc>,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    /// Inserts a draft invoice; false when the cycle already has a live invoice.
+    async fn create_invoice(&self, invoice: &InvoiceRecord) -> StoreResult<bool>;
+    /// Replaces a draft's figures; false if it is no longer a draft.
+    async fn update_draft(&self, invoice: &InvoiceRecord) -> StoreResult<bool>;
+    /// Finalises a draft in one transaction: claims it (`Conflict` if it is not a draft),
+    /// links every unbilled event of its customer before `period_end` to it — failing with
+    /// `Ok(None)` (nothing written) unless they are exactly `invoice.events`, i.e. exactly
+    /// the events rated — gives it the next number of `series` (`FAT-2026` →
+    /// `FAT-2026-000001`), stores its figures, and records `rebate` (a wallet credit).
+    async fn finalize_invoice(
+        &self,
+        invoice: &InvoiceRecord,
+        series: &str,
+        rebate: Option<&WalletTransaction>,
+    ) -> StoreResult<Option<InvoiceRecord>>;
+    /// Issues a credit note (numbered in `series`) against its invoice; `Conflict` when the
+    /// invoice is not finalised or the notes would exceed its total.
+    async fn issue_credit_note(
+        &self,
+        note: &InvoiceRecord,
+        series: &str,
+    ) -> StoreResult<InvoiceRecord>;
+    /// Voids a draft or unpaid invoice and releases its events for a reissue; `Conflict`
+    /// for a paid invoice or a credit note.
+    async fn void_invoice(&self, id: &str, at: DateTime<Utc>) -> StoreResult<InvoiceRecord>;
+    /// One invoice or credit note.
+    async fn get_invoice(&self, id: &str) -> StoreResult<Option<InvoiceRecord>>;
+    /// Invoices and credit notes, newest period first.
+    async fn list_invoices(
+        &self,
+        customer_id: Option<&str>,
+        status: Option<&str>,
+    ) -> StoreResult<Vec<InvoiceRecord>>;
+    /// Records a collection attempt's outcome: `paid_at` set → paid; else the failure.
+    async fn record_payment(
+        &self,
+        id: &str,
+        reference: Option<&str>,
+        paid_at: Option<DateTime<Utc>>,
+        error: Option<&str>,
+    ) -> StoreResult<Option<InvoiceRecord>>;
 }
 
 /// Opens the store for a database URL: `sqlite://path` (created if missing) or

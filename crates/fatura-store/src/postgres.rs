@@ -21,10 +21,11 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::{
-    AlertRecord, ApiKeyRecord, Customer, EventPricing, FxRate, INSERT_CHUNK, InsertOutcome,
-    PlanAssignment, PlanVersionRecord, PreparedEvent, PriceImport, PricingChange, PricingData,
-    Store, StoreError, StoreResult, StoredEvent, UnpricedEvent, UnpricedModel, UsageFilter,
-    WalletTransaction, count, from_micros, micros, parse_terms, terms_json,
+    AlertRecord, ApiKeyRecord, BillingSettings, Customer, EventPricing, FxRate, INSERT_CHUNK,
+    InsertOutcome, InvoiceRecord, PlanAssignment, PlanVersionRecord, PreparedEvent, PriceImport,
+    PricingChange, PricingData, Store, StoreError, StoreResult, StoredEvent, UnpricedEvent,
+    UnpricedModel, UsageFilter, WalletTransaction, count, from_micros, micros, parse_terms,
+    terms_json,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -61,6 +62,17 @@ fn customer_from_row(r: &PgRow) -> StoreResult<Customer> {
             .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
         prepaid: r.try_get::<String, _>("billing_mode")? == "prepaid",
         monthly_spend_limit: r.try_get("monthly_spend_limit")?,
+        billing: BillingSettings {
+            anchor_day: u32::try_from(r.try_get::<i64, _>("billing_anchor_day")?).unwrap_or(1),
+            timezone: r.try_get("timezone")?,
+            payment_terms_days: u32::try_from(r.try_get::<i64, _>("payment_terms_days")?)
+                .unwrap_or(30),
+            tax_rate: r.try_get("tax_rate")?,
+            locale: r.try_get("locale")?,
+        },
+        stripe_customer_id: r.try_get("stripe_customer_id")?,
+        status: r.try_get("status")?,
+        status_reason: r.try_get("status_reason")?,
         created_at: from_micros(r.try_get("created_at_us")?)?,
     })
 }
@@ -149,7 +161,8 @@ impl Store for PgStore {
 
     async fn create_customer(&self, c: &Customer) -> StoreResult<()> {
         let res = sqlx::query(
-            "INSERT INTO customers (id, name, currency, created_at_us, billing_mode, monthly_spend_limit) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO customers (id, name, currency, created_at_us, billing_mode, monthly_spend_limit, billing_anchor_day, \
+             timezone, payment_terms_days, tax_rate, locale) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&c.id)
         .bind(&c.name)
@@ -157,6 +170,11 @@ impl Store for PgStore {
         .bind(micros(c.created_at))
         .bind(if c.prepaid { "prepaid" } else { "postpaid" })
         .bind(c.monthly_spend_limit)
+        .bind(i64::from(c.billing.anchor_day))
+        .bind(&c.billing.timezone)
+        .bind(i64::from(c.billing.payment_terms_days))
+        .bind(c.billing.tax_rate)
+        .bind(&c.billing.locale)
         .execute(&self.pool)
         .await?;
         if res.rows_affected() == 0 {
@@ -828,7 +846,7 @@ impl Store for PgStore {
     ) -> StoreResult<Vec<StoredEvent>> {
         let mut rows = sqlx::query(
             "SELECT id, ts_us, provider, model, input_tokens, output_tokens, cached_input_tokens, \
-             cache_write_tokens, reasoning_tokens, requests, price_version_id, cost FROM usage_events \
+             cache_write_tokens, reasoning_tokens, requests, price_version_id, cost, revenue FROM usage_events \
              WHERE customer_id = $1 AND ts_us >= $2 AND ts_us < $3",
         )
         .bind(customer_id)
@@ -837,15 +855,7 @@ impl Store for PgStore {
         .fetch(&self.pool);
         let mut out = Vec::new();
         while let Some(r) = rows.try_next().await? {
-            out.push(StoredEvent {
-                id: r.try_get("id")?,
-                timestamp: from_micros(r.try_get("ts_us")?)?,
-                provider: r.try_get("provider")?,
-                model: r.try_get("model")?,
-                usage: usage_from_row(&r)?,
-                price_version_id: r.try_get("price_version_id")?,
-                cost: r.try_get("cost")?,
-            });
+            out.push(stored_event_from_row(&r)?);
         }
         Ok(out)
     }
@@ -858,6 +868,428 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?)
     }
+    async fn update_billing_settings(&self, id: &str, s: &BillingSettings) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "UPDATE customers SET billing_anchor_day = $1, timezone = $2, payment_terms_days = $3, tax_rate = $4, \
+             locale = $5 WHERE id = $6",
+        )
+        .bind(i64::from(s.anchor_day))
+        .bind(&s.timezone)
+        .bind(i64::from(s.payment_terms_days))
+        .bind(s.tax_rate)
+        .bind(&s.locale)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn set_customer_status(
+        &self,
+        id: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> StoreResult<bool> {
+        let res = sqlx::query("UPDATE customers SET status = $1, status_reason = $2 WHERE id = $3")
+            .bind(status)
+            .bind(reason)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn set_stripe_customer_id(&self, id: &str, stripe_id: &str) -> StoreResult<String> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE customers SET stripe_customer_id = $1 WHERE id = $2 AND stripe_customer_id IS NULL",
+        )
+        .bind(stripe_id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT stripe_customer_id FROM customers WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        current.ok_or_else(|| StoreError::Internal(anyhow::anyhow!("no Stripe id stored")))
+    }
+
+    async fn uninvoiced_events(
+        &self,
+        customer_id: &str,
+        before: DateTime<Utc>,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let mut rows = sqlx::query(
+            "SELECT id, ts_us, provider, model, input_tokens, output_tokens, cached_input_tokens, \
+             cache_write_tokens, reasoning_tokens, requests, price_version_id, cost, revenue FROM usage_events \
+             WHERE customer_id = $1 AND ts_us < $2 AND invoice_id IS NULL",
+        )
+        .bind(customer_id)
+        .bind(micros(before))
+        .fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(r) = rows.try_next().await? {
+            out.push(stored_event_from_row(&r)?);
+        }
+        Ok(out)
+    }
+
+    async fn create_invoice(&self, inv: &InvoiceRecord) -> StoreResult<bool> {
+        let res = bind_invoice(sqlx::query(INSERT_INVOICE), inv)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn update_draft(&self, inv: &InvoiceRecord) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "UPDATE invoices SET subtotal = $1, tax = $2, total = $3, prepaid_applied = $4, prepaid_excess = $5, \
+             amount_due = $6, document = $7, events = $8 WHERE id = $9 AND status = 'draft'",
+        )
+        .bind(inv.subtotal)
+        .bind(inv.tax)
+        .bind(inv.total)
+        .bind(inv.prepaid_applied)
+        .bind(inv.prepaid_excess)
+        .bind(inv.amount_due)
+        .bind(&inv.document)
+        .bind(inv.events)
+        .bind(&inv.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn finalize_invoice(
+        &self,
+        inv: &InvoiceRecord,
+        series: &str,
+        rebate: Option<&WalletTransaction>,
+    ) -> StoreResult<Option<InvoiceRecord>> {
+        let mut tx = self.pool.begin().await?;
+        let finalized_at = inv.finalized_at.unwrap_or(inv.created_at);
+        let claimed = sqlx::query(
+            "UPDATE invoices SET status = 'open', subtotal = $1, tax = $2, total = $3, prepaid_applied = $4, \
+             prepaid_excess = $5, amount_due = $6, document = $7, events = $8, finalized_at_us = $9, due_at_us = $10, \
+             number = 'pending:' || id WHERE id = $11 AND status = 'draft'",
+        )
+        .bind(inv.subtotal)
+        .bind(inv.tax)
+        .bind(inv.total)
+        .bind(inv.prepaid_applied)
+        .bind(inv.prepaid_excess)
+        .bind(inv.amount_due)
+        .bind(&inv.document)
+        .bind(inv.events)
+        .bind(micros(finalized_at))
+        .bind(inv.due_at.map(micros))
+        .bind(&inv.id)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() != 1 {
+            return Err(StoreError::Conflict(format!(
+                "invoice {:?} is not a draft (already finalised or void)",
+                inv.id
+            )));
+        }
+        let linked = sqlx::query(
+            "UPDATE usage_events SET invoice_id = $1 WHERE customer_id = $2 AND ts_us < $3 AND invoice_id IS NULL",
+        )
+        .bind(&inv.id)
+        .bind(&inv.customer_id)
+        .bind(micros(inv.period_end))
+        .execute(&mut *tx)
+        .await?;
+        if i64::try_from(linked.rows_affected()).unwrap_or(-1) != inv.events {
+            // Events arrived after rating: rate again (the transaction rolls back on drop).
+            return Ok(None);
+        }
+        let number = next_number(&mut tx, series).await?;
+        sqlx::query("UPDATE invoices SET number = $1 WHERE id = $2")
+            .bind(&number)
+            .bind(&inv.id)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(c) = rebate {
+            insert_wallet_tx(&mut tx, c).await?;
+        }
+        let row = sqlx::query("SELECT * FROM invoices WHERE id = $1")
+            .bind(&inv.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(invoice_from_row(&row)?))
+    }
+
+    async fn issue_credit_note(
+        &self,
+        note: &InvoiceRecord,
+        series: &str,
+    ) -> StoreResult<InvoiceRecord> {
+        let mut tx = self.pool.begin().await?;
+        let Some(original) = note.corrects_invoice_id.as_deref() else {
+            return Err(StoreError::Conflict(
+                "a credit note needs an invoice".into(),
+            ));
+        };
+        let row = sqlx::query("SELECT * FROM invoices WHERE id = $1")
+            .bind(original)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Err(StoreError::Conflict(format!("no invoice {original:?}")));
+        };
+        let inv = invoice_from_row(&row)?;
+        if inv.kind != "invoice" || !(inv.status == "open" || inv.status == "paid") {
+            return Err(StoreError::Conflict(format!(
+                "credit notes correct finalised invoices; {original:?} is {} {}",
+                inv.status, inv.kind
+            )));
+        }
+        let notes: Vec<Decimal> = sqlx::query_scalar(
+            "SELECT total FROM invoices WHERE corrects_invoice_id = $1 AND kind = 'credit_note' AND status <> 'void'",
+        )
+        .bind(original)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut credited = Decimal::ZERO;
+        for n in &notes {
+            credited += *n;
+        }
+        if credited + note.total > inv.total {
+            return Err(StoreError::Conflict(format!(
+                "credit notes would exceed the invoice: {} already credited of {}",
+                credited, inv.total
+            )));
+        }
+        bind_invoice(sqlx::query(INSERT_INVOICE), note)
+            .execute(&mut *tx)
+            .await?;
+        let number = next_number(&mut tx, series).await?;
+        sqlx::query("UPDATE invoices SET number = $1 WHERE id = $2")
+            .bind(&number)
+            .bind(&note.id)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query("SELECT * FROM invoices WHERE id = $1")
+            .bind(&note.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        invoice_from_row(&row)
+    }
+
+    async fn void_invoice(&self, id: &str, at: DateTime<Utc>) -> StoreResult<InvoiceRecord> {
+        let mut tx = self.pool.begin().await?;
+        let res = sqlx::query(
+            "UPDATE invoices SET status = 'void', voided_at_us = $1 WHERE id = $2 AND kind = 'invoice' \
+             AND status IN ('draft', 'open')",
+        )
+        .bind(micros(at))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if res.rows_affected() != 1 {
+            return Err(StoreError::Conflict(format!(
+                "invoice {id:?} cannot be voided: only drafts and unpaid invoices can (correct a paid one with a credit note)"
+            )));
+        }
+        sqlx::query("UPDATE usage_events SET invoice_id = NULL WHERE invoice_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query("SELECT * FROM invoices WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        invoice_from_row(&row)
+    }
+
+    async fn get_invoice(&self, id: &str) -> StoreResult<Option<InvoiceRecord>> {
+        sqlx::query("SELECT * FROM invoices WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(invoice_from_row)
+            .transpose()
+    }
+
+    async fn list_invoices(
+        &self,
+        customer_id: Option<&str>,
+        status: Option<&str>,
+    ) -> StoreResult<Vec<InvoiceRecord>> {
+        sqlx::query(
+            "SELECT * FROM invoices WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR status = $2) \
+             ORDER BY period_start_us DESC, created_at_us DESC, id",
+        )
+        .bind(customer_id)
+        .bind(status)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(invoice_from_row)
+        .collect()
+    }
+
+    async fn record_payment(
+        &self,
+        id: &str,
+        reference: Option<&str>,
+        paid_at: Option<DateTime<Utc>>,
+        error: Option<&str>,
+    ) -> StoreResult<Option<InvoiceRecord>> {
+        let mut tx = self.pool.begin().await?;
+        match paid_at {
+            Some(at) => {
+                sqlx::query(
+                    "UPDATE invoices SET status = 'paid', paid_at_us = $1, payment_reference = COALESCE($2, payment_reference), \
+                     last_payment_error = NULL WHERE id = $3 AND status = 'open'",
+                )
+                .bind(micros(at))
+                .bind(reference)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE invoices SET payment_attempts = payment_attempts + 1, last_payment_error = $1, \
+                     payment_reference = COALESCE($2, payment_reference) WHERE id = $3 AND status = 'open'",
+                )
+                .bind(error)
+                .bind(reference)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let row = sqlx::query("SELECT * FROM invoices WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        row.as_ref().map(invoice_from_row).transpose()
+    }
+}
+
+const INSERT_INVOICE: &str = "INSERT INTO invoices (id, customer_id, kind, number, status, period_start_us, period_end_us, \
+     currency, subtotal, tax, total, prepaid_applied, prepaid_excess, amount_due, document, corrects_invoice_id, events, \
+     created_at_us, finalized_at_us, due_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+     ON CONFLICT DO NOTHING";
+
+fn bind_invoice<'q>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    inv: &'q InvoiceRecord,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    q.bind(&inv.id)
+        .bind(&inv.customer_id)
+        .bind(&inv.kind)
+        // A credit note is finalised at once: its number is set in the same transaction.
+        .bind(inv.finalized_at.map(|_| format!("pending:{}", inv.id)))
+        .bind(&inv.status)
+        .bind(micros(inv.period_start))
+        .bind(micros(inv.period_end))
+        .bind(inv.currency.code())
+        .bind(inv.subtotal)
+        .bind(inv.tax)
+        .bind(inv.total)
+        .bind(inv.prepaid_applied)
+        .bind(inv.prepaid_excess)
+        .bind(inv.amount_due)
+        .bind(&inv.document)
+        .bind(&inv.corrects_invoice_id)
+        .bind(inv.events)
+        .bind(micros(inv.created_at))
+        .bind(inv.finalized_at.map(micros))
+        .bind(inv.due_at.map(micros))
+}
+
+async fn next_number(tx: &mut sqlx::PgConnection, series: &str) -> StoreResult<String> {
+    sqlx::query("INSERT INTO invoice_numbers (series, last) VALUES ($1, 0) ON CONFLICT DO NOTHING")
+        .bind(series)
+        .execute(&mut *tx)
+        .await?;
+    let n: i64 = sqlx::query_scalar(
+        "UPDATE invoice_numbers SET last = last + 1 WHERE series = $1 RETURNING last",
+    )
+    .bind(series)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(format!("{series}-{n:06}"))
+}
+
+async fn insert_wallet_tx(tx: &mut sqlx::PgConnection, c: &WalletTransaction) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO wallet_transactions (id, customer_id, kind, amount, currency, event_id, expires_at_us, created_at_us) \
+         VALUES ($1, $2, $3, $4, $5, NULL, $6, $7) ON CONFLICT DO NOTHING",
+    )
+    .bind(&c.id)
+    .bind(&c.customer_id)
+    .bind(&c.kind)
+    .bind(c.amount)
+    .bind(c.currency.code())
+    .bind(c.expires_at.map(micros))
+    .bind(micros(c.created_at))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+fn opt_time(r: &PgRow, col: &str) -> StoreResult<Option<DateTime<Utc>>> {
+    r.try_get::<Option<i64>, _>(col)?
+        .map(from_micros)
+        .transpose()
+}
+
+fn invoice_from_row(r: &PgRow) -> StoreResult<InvoiceRecord> {
+    let currency: String = r.try_get("currency")?;
+    Ok(InvoiceRecord {
+        id: r.try_get("id")?,
+        customer_id: r.try_get("customer_id")?,
+        kind: r.try_get("kind")?,
+        number: r.try_get("number")?,
+        status: r.try_get("status")?,
+        period_start: from_micros(r.try_get("period_start_us")?)?,
+        period_end: from_micros(r.try_get("period_end_us")?)?,
+        currency: Currency::from_str(&currency)
+            .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
+        subtotal: r.try_get("subtotal")?,
+        tax: r.try_get("tax")?,
+        total: r.try_get("total")?,
+        prepaid_applied: r.try_get("prepaid_applied")?,
+        prepaid_excess: r.try_get("prepaid_excess")?,
+        amount_due: r.try_get("amount_due")?,
+        document: r.try_get("document")?,
+        corrects_invoice_id: r.try_get("corrects_invoice_id")?,
+        events: r.try_get("events")?,
+        created_at: from_micros(r.try_get("created_at_us")?)?,
+        finalized_at: opt_time(r, "finalized_at_us")?,
+        due_at: opt_time(r, "due_at_us")?,
+        paid_at: opt_time(r, "paid_at_us")?,
+        voided_at: opt_time(r, "voided_at_us")?,
+        payment_attempts: r.try_get("payment_attempts")?,
+        payment_reference: r.try_get("payment_reference")?,
+        last_payment_error: r.try_get("last_payment_error")?,
+    })
+}
+
+fn stored_event_from_row(r: &PgRow) -> StoreResult<StoredEvent> {
+    Ok(StoredEvent {
+        id: r.try_get("id")?,
+        timestamp: from_micros(r.try_get("ts_us")?)?,
+        provider: r.try_get("provider")?,
+        model: r.try_get("model")?,
+        usage: usage_from_row(r)?,
+        price_version_id: r.try_get("price_version_id")?,
+        cost: r.try_get("cost")?,
+        revenue: r.try_get("revenue")?,
+    })
 }
 
 async fn insert_plan_version(

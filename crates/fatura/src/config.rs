@@ -23,6 +23,17 @@ struct FileConfig {
     default_margin: Option<String>,
     max_connections: Option<u32>,
     gateway: Option<fatura_server::gateway::GatewayConfig>,
+    billing: Option<BillingFile>,
+}
+
+/// `[billing]` in the config file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BillingFile {
+    /// Seconds a closed cycle waits for late events before it is finalised (default 3600).
+    grace_seconds: Option<u64>,
+    /// Seconds between billing runs inside `fatura serve` (default 60; 0 disables).
+    run_every_seconds: Option<u64>,
 }
 
 /// Effective configuration.
@@ -40,6 +51,10 @@ pub struct Config {
     pub max_connections: u32,
     /// The gateway (`[gateway]` table), if configured.
     pub gateway: Option<fatura_server::gateway::GatewayConfig>,
+    /// Grace period of closed cycles.
+    pub billing_grace: chrono::Duration,
+    /// Interval of the billing scheduler (`None`: disabled).
+    pub billing_every: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Config {
@@ -108,6 +123,27 @@ impl Config {
             default_margin,
             max_connections: file.max_connections.unwrap_or(16),
             gateway: file.gateway,
+            billing_grace: chrono::Duration::seconds(
+                i64::try_from(
+                    env("FATURA_BILLING_GRACE_SECONDS")
+                        .map(|v| v.parse::<u64>())
+                        .transpose()
+                        .context("FATURA_BILLING_GRACE_SECONDS must be a whole number of seconds")?
+                        .or(file.billing.as_ref().and_then(|b| b.grace_seconds))
+                        .unwrap_or(3600)
+                        .min(90 * 86_400),
+                )
+                .unwrap_or(3600),
+            ),
+            billing_every: match file
+                .billing
+                .as_ref()
+                .and_then(|b| b.run_every_seconds)
+                .unwrap_or(60)
+            {
+                0 => None,
+                s => Some(std::time::Duration::from_secs(s)),
+            },
         };
         if let Some(g) = &config.gateway {
             g.validate().map_err(anyhow::Error::msg)?;

@@ -65,6 +65,28 @@ enum Command {
     /// Manage exchange rates (USD to BRL or EUR).
     #[command(subcommand, name = "fx-rates")]
     FxRates(FxCommand),
+    /// Billing: close cycles, list invoices.
+    #[command(subcommand)]
+    Invoices(InvoicesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum InvoicesCommand {
+    /// Close the cycles that ended by --at (default now) into drafts and finalise drafts past
+    /// their grace period, as the scheduler in `fatura serve` does. Running it twice changes
+    /// nothing the second time.
+    Run {
+        /// RFC 3339 instant to run at.
+        #[arg(long, value_name = "RFC3339")]
+        at: Option<String>,
+    },
+    /// List invoices (tab-separated: id, number, status, customer, period start, total,
+    /// currency).
+    List {
+        /// Only this customer.
+        #[arg(long)]
+        customer: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -283,7 +305,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
             let addr = listener.local_addr()?;
-            let mut state = fatura_server::AppState::new(fatura.clone(), &admin_key);
+            let mut state = fatura_server::AppState::new(fatura.clone(), &admin_key).with_billing(
+                fatura_server::service::BillingPolicy {
+                    grace: config.billing_grace,
+                },
+            );
             let mut writer = None;
             if let Some(gw) = config.gateway.clone() {
                 let (meter, w) = fatura_server::gateway::Meter::start(
@@ -298,7 +324,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 writer = Some(w);
             }
             tracing::info!(%addr, database = %redact_url(&config.database_url), gateway = writer.is_some(), "fatura listening");
+            let scheduler = config.billing_every.map(|every| {
+                tokio::spawn(fatura_server::api::invoices::scheduler(
+                    state.clone(),
+                    every,
+                ))
+            });
             fatura_server::serve(listener, state, shutdown_signal()).await?;
+            if let Some(s) = scheduler {
+                s.abort();
+            }
             if let Some(w) = writer {
                 // The server (and with it every handle on the queue) is gone: drain it.
                 w.finish().await;
@@ -346,7 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     currency,
                     fatura_server::service::Billing {
                         prepaid,
-                        monthly_spend_limit: None,
+                        ..Default::default()
                     },
                     Utc::now(),
                 )
@@ -411,6 +446,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Plans(cmd) => plans(&config, cmd).await?,
+        Command::Invoices(InvoicesCommand::Run { at }) => {
+            let at = at.as_deref().map(parse_instant).transpose()?;
+            let fatura = open(&config).await?;
+            let r = fatura
+                .run_billing(
+                    at.unwrap_or_else(Utc::now),
+                    fatura_server::service::BillingPolicy {
+                        grace: config.billing_grace,
+                    },
+                )
+                .await?;
+            for inv in &r.finalized {
+                println!(
+                    "finalised {}\t{}\t{}\t{} {}",
+                    inv.id,
+                    inv.number.as_deref().unwrap_or(""),
+                    inv.customer_id,
+                    inv.total,
+                    inv.currency
+                );
+            }
+            println!(
+                "{} drafts created, {} drafts refreshed, {} invoices finalised",
+                r.drafted,
+                r.refreshed,
+                r.finalized.len()
+            );
+        }
+        Command::Invoices(InvoicesCommand::List { customer }) => {
+            let fatura = open(&config).await?;
+            for inv in fatura.invoices(customer.as_deref(), None).await? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    inv.id,
+                    inv.number.as_deref().unwrap_or("-"),
+                    inv.status,
+                    inv.customer_id,
+                    inv.period_start.to_rfc3339(),
+                    inv.total,
+                    inv.currency
+                );
+            }
+        }
         Command::FxRates(FxCommand::Set {
             currency,
             date,

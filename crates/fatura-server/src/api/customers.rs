@@ -31,6 +31,20 @@ pub struct CustomerOut {
     pub monthly_spend_limit: Option<String>,
     /// The plan in force now (`null`: the default plan, cost-plus at the default margin).
     pub plan_id: Option<String>,
+    /// Day of the month cycles start (1–28).
+    pub billing_anchor_day: u32,
+    /// IANA time zone whose midnight starts a cycle.
+    pub timezone: String,
+    /// Days from finalisation to the due date.
+    pub payment_terms_days: u32,
+    /// Tax rate (fraction), if any.
+    pub tax_rate: Option<String>,
+    /// Invoice language: `en` or `pt-BR`.
+    pub locale: String,
+    /// `active` or `suspended` (unpaid invoices).
+    pub status: String,
+    /// Why suspended.
+    pub status_reason: Option<String>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
 }
@@ -44,6 +58,13 @@ impl From<Customer> for CustomerOut {
             billing_mode: if c.prepaid { "prepaid" } else { "postpaid" }.to_string(),
             monthly_spend_limit: c.monthly_spend_limit.map(|d| d.to_string()),
             plan_id: None,
+            billing_anchor_day: c.billing.anchor_day,
+            timezone: c.billing.timezone,
+            payment_terms_days: c.billing.payment_terms_days,
+            tax_rate: c.billing.tax_rate.map(|d| d.to_string()),
+            locale: c.billing.locale,
+            status: c.status,
+            status_reason: c.status_reason,
             created_at: c.created_at,
         }
     }
@@ -64,6 +85,55 @@ pub struct CreateCustomer {
     /// Postpaid only: decimal string, the most the customer's calls may cost per UTC month
     /// (USD); calls that could exceed it get 402.
     pub monthly_spend_limit: Option<String>,
+    /// Day of the month billing cycles start, 1–28 (default 1).
+    pub billing_anchor_day: Option<u32>,
+    /// IANA time zone whose midnight starts a cycle (default UTC).
+    pub timezone: Option<String>,
+    /// Days from finalisation to the due date (default 30).
+    pub payment_terms_days: Option<u32>,
+    /// Tax as a fraction of the subtotal, decimal string (e.g. "0.05"); null for none.
+    #[serde(default, deserialize_with = "present")]
+    pub tax_rate: Option<Option<String>>,
+    /// Invoice language: `en` (default) or `pt-BR`.
+    pub locale: Option<String>,
+}
+
+/// Applies the billing-setting fields of a request over `s`.
+fn apply_settings(
+    mut s: fatura_store::BillingSettings,
+    anchor: Option<u32>,
+    timezone: Option<&String>,
+    terms: Option<u32>,
+    tax: Option<&Option<String>>,
+    locale: Option<&String>,
+) -> Result<fatura_store::BillingSettings, ApiError> {
+    if let Some(a) = anchor {
+        s.anchor_day = a;
+    }
+    if let Some(t) = timezone {
+        s.timezone = t.clone();
+    }
+    if let Some(t) = terms {
+        s.payment_terms_days = t;
+    }
+    if let Some(t) = tax {
+        s.tax_rate = t
+            .as_deref()
+            .map(|v| {
+                Decimal::from_str(v.trim()).map_err(|_| {
+                    ApiError::unprocessable(
+                        "invalid_request",
+                        "tax_rate: must be a decimal string such as \"0.05\"",
+                        Vec::new(),
+                    )
+                })
+            })
+            .transpose()?;
+    }
+    if let Some(l) = locale {
+        s.locale = l.clone();
+    }
+    Ok(s)
 }
 
 /// Changes to a customer.
@@ -80,6 +150,17 @@ pub struct UpdateCustomer {
     /// RFC 3339 instant the plan applies from (default now; not before the customer's
     /// latest plan change). Within a cycle, each plan rates its own part of the cycle.
     pub plan_effective_from: Option<String>,
+    /// Day of the month billing cycles start, 1–28 (default 1).
+    pub billing_anchor_day: Option<u32>,
+    /// IANA time zone whose midnight starts a cycle (default UTC).
+    pub timezone: Option<String>,
+    /// Days from finalisation to the due date (default 30).
+    pub payment_terms_days: Option<u32>,
+    /// Tax as a fraction of the subtotal, decimal string (e.g. "0.05"); null for none.
+    #[serde(default, deserialize_with = "present")]
+    pub tax_rate: Option<Option<String>>,
+    /// Invoice language: `en` (default) or `pt-BR`.
+    pub locale: Option<String>,
 }
 
 /// Fills in the plan in force now.
@@ -205,6 +286,14 @@ pub async fn create_customer(
             Billing {
                 prepaid,
                 monthly_spend_limit: parse_limit(req.monthly_spend_limit.as_deref())?,
+                settings: apply_settings(
+                    Default::default(),
+                    req.billing_anchor_day,
+                    req.timezone.as_ref(),
+                    req.payment_terms_days,
+                    req.tax_rate.as_ref(),
+                    req.locale.as_ref(),
+                )?,
             },
             Utc::now(),
         )
@@ -260,6 +349,22 @@ pub async fn update_customer(
     if let Some(limit) = limit {
         crate::service::check_spend_limit(customer.prepaid, limit).map_err(service_error)?;
     }
+    let settings_changed = req.billing_anchor_day.is_some()
+        || req.timezone.is_some()
+        || req.payment_terms_days.is_some()
+        || req.tax_rate.is_some()
+        || req.locale.is_some();
+    let settings = apply_settings(
+        customer.billing.clone(),
+        req.billing_anchor_day,
+        req.timezone.as_ref(),
+        req.payment_terms_days,
+        req.tax_rate.as_ref(),
+        req.locale.as_ref(),
+    )?;
+    if settings_changed {
+        crate::service::check_billing_settings(&settings).map_err(service_error)?;
+    }
     let effective_from =
         super::prices::instant("plan_effective_from", req.plan_effective_from.as_deref())?;
     if effective_from.is_some() && req.plan_id.is_none() {
@@ -274,6 +379,13 @@ pub async fn update_customer(
         state
             .fatura
             .assign_plan(&id, plan_id.as_deref(), effective_from.unwrap_or(now), now)
+            .await
+            .map_err(service_error)?;
+    }
+    if settings_changed {
+        customer = state
+            .fatura
+            .set_billing_settings(&id, &settings)
             .await
             .map_err(service_error)?;
     }

@@ -2,6 +2,7 @@
 
 pub mod customers;
 pub mod events;
+pub mod invoices;
 pub mod prices;
 pub mod pricing;
 pub mod usage;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use fatura_core::catalog::{PriceComponents, PriceVersion};
 use fatura_core::rating::{
     Assignment, FloorReason, PlanKind, PlanTerms, PlanVersionTerms, RatableEvent, RatedSegment,
@@ -283,24 +283,6 @@ pub struct PriceChanges {
     pub impact: Vec<MarginImpact>,
     /// Plans that could not be assessed (no exchange rate), with why.
     pub skipped_plans: Vec<(String, String)>,
-}
-
-/// The calendar month (UTC) containing `at`.
-pub fn month_of(at: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
-    let start = Utc
-        .with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)
-        .single()
-        .unwrap_or(at);
-    let (y, m) = if at.month() == 12 {
-        (at.year() + 1, 1)
-    } else {
-        (at.year(), at.month() + 1)
-    };
-    let end = Utc
-        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
-        .single()
-        .unwrap_or(at);
-    (start, end)
 }
 
 /// Usage of one million units of one kind, for per-unit prices.
@@ -632,16 +614,18 @@ impl Fatura {
             cycle_start,
             cycle_end,
             stored,
+            true,
         )?;
         self.raise_floor_alerts(hits, now).await;
         Ok(segments)
     }
 
-    /// The preview of the customer's current cycle (the calendar month, UTC, containing
-    /// `at`), with the events recorded before `at`.
+    /// The preview of the customer's current cycle (the one containing `at`, by its billing
+    /// settings), with the events recorded before `at`.
     pub async fn upcoming(&self, customer_id: &str, at: DateTime<Utc>) -> ServiceResult<Upcoming> {
         let customer = self.customer(customer_id).await?;
-        let (period_start, period_end) = month_of(at);
+        let (period_start, period_end) =
+            super::billing::cycle_spec(&customer)?.cycle_containing(at);
         let segments = self
             .rate_customer(customer_id, period_start, period_end, at, at)
             .await?;
@@ -889,6 +873,7 @@ pub(crate) fn rate_events(
     cycle_start: DateTime<Utc>,
     cycle_end: DateTime<Utc>,
     stored: Vec<fatura_store::StoredEvent>,
+    allowances: bool,
 ) -> ServiceResult<(Vec<RatedSegment>, Vec<FloorHit>)> {
     let book = &snapshot.book;
     let assignments: Vec<Assignment> = book
@@ -914,7 +899,13 @@ pub(crate) fn rate_events(
         }
     }
     let default = PlanTerms::default_for(currency, margin);
-    let segments = plan_segments(cycle_start, cycle_end, &assignments, &versions, &default);
+    let mut segments = plan_segments(cycle_start, cycle_end, &assignments, &versions, &default);
+    if !allowances {
+        // Late usage of a period already invoiced: its credits and minimum were applied then.
+        for s in &mut segments {
+            s.cycle_fraction = Decimal::ZERO;
+        }
+    }
     let by_id: HashMap<i64, &PriceComponents> = snapshot
         .catalog
         .versions()

@@ -1,0 +1,375 @@
+//! Invoices and credit notes: listing, JSON/HTML/CSV renderings, finalise, void, credit
+//! notes, and the billing run.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use fatura_store::InvoiceRecord;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::str::FromStr;
+use utoipa::{IntoParams, ToSchema};
+
+use super::events::service_error;
+use super::prices::instant;
+use crate::AppState;
+use crate::auth::{Admin, Caller};
+use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::render::{invoice_csv, invoice_html};
+use crate::service::{InvoiceDocument, document_of};
+
+/// An invoice or credit note. Money is decimal strings in `currency`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InvoiceOut {
+    /// Id.
+    pub id: String,
+    /// `invoice` or `credit_note`.
+    pub kind: String,
+    /// Gapless number, once finalised (`FAT-2026-000123`, `FAT-CN-2026-000001`).
+    pub number: Option<String>,
+    /// `draft`, `open`, `paid` or `void`.
+    pub status: String,
+    /// Customer.
+    pub customer_id: String,
+    /// Cycle start.
+    pub period_start: DateTime<Utc>,
+    /// Cycle end (exclusive).
+    pub period_end: DateTime<Utc>,
+    /// Currency.
+    pub currency: String,
+    /// Rated total before tax.
+    pub subtotal: String,
+    /// Tax.
+    pub tax: String,
+    /// subtotal + tax.
+    pub total: String,
+    /// Paid from the prepaid wallet.
+    pub prepaid_applied: String,
+    /// Wallet payments beyond the total, credited back to the wallet.
+    pub prepaid_excess: String,
+    /// What is collected: total − prepaid_applied.
+    pub amount_due: String,
+    /// Events billed.
+    pub events: i64,
+    /// For a credit note: the invoice it corrects.
+    pub corrects_invoice_id: Option<String>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Finalised.
+    pub finalized_at: Option<DateTime<Utc>>,
+    /// Due.
+    pub due_at: Option<DateTime<Utc>>,
+    /// Paid.
+    pub paid_at: Option<DateTime<Utc>>,
+    /// Voided.
+    pub voided_at: Option<DateTime<Utc>>,
+    /// Collection attempts.
+    pub payment_attempts: i64,
+    /// Last collection failure.
+    pub last_payment_error: Option<String>,
+    /// The breakdown: sections (per plan version; `adjustment` sections bill late usage of
+    /// earlier periods) with lines per model, quantities, unit prices, discounts, floor
+    /// adjustments; tiers; credits; minimum. Upstream cost (`cost_usd`) only for operators.
+    #[schema(value_type = Object)]
+    pub document: serde_json::Value,
+}
+
+fn invoice_out(inv: InvoiceRecord, operator: bool) -> Result<InvoiceOut, ApiError> {
+    let doc = document_of(&inv).map_err(service_error)?;
+    let mut document = serde_json::to_value(&doc).map_err(|e| ApiError::internal(&e))?;
+    if !operator {
+        strip_operator_fields(&mut document);
+    }
+    Ok(InvoiceOut {
+        id: inv.id,
+        kind: inv.kind,
+        number: inv.number,
+        status: inv.status,
+        customer_id: inv.customer_id,
+        period_start: inv.period_start,
+        period_end: inv.period_end,
+        currency: inv.currency.code().into(),
+        subtotal: inv.subtotal.to_string(),
+        tax: inv.tax.to_string(),
+        total: inv.total.to_string(),
+        prepaid_applied: inv.prepaid_applied.to_string(),
+        prepaid_excess: inv.prepaid_excess.to_string(),
+        amount_due: inv.amount_due.to_string(),
+        events: inv.events,
+        corrects_invoice_id: inv.corrects_invoice_id,
+        created_at: inv.created_at,
+        finalized_at: inv.finalized_at,
+        due_at: inv.due_at,
+        paid_at: inv.paid_at,
+        voided_at: inv.voided_at,
+        payment_attempts: inv.payment_attempts,
+        last_payment_error: inv.last_payment_error,
+        document,
+    })
+}
+
+/// Removes upstream cost from every line: customers never see it.
+fn strip_operator_fields(doc: &mut serde_json::Value) {
+    if let Some(sections) = doc.get_mut("sections").and_then(|s| s.as_array_mut()) {
+        for s in sections {
+            if let Some(lines) = s.get_mut("lines").and_then(|l| l.as_array_mut()) {
+                for l in lines {
+                    if let Some(o) = l.as_object_mut() {
+                        o.remove("cost_usd");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Invoice list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InvoiceList {
+    /// Newest period first.
+    pub data: Vec<InvoiceOut>,
+}
+
+/// Query of `GET /v1/invoices`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct InvoicesQuery {
+    /// Only this customer (a customer key sees only its own).
+    pub customer_id: Option<String>,
+    /// `draft`, `open`, `paid` or `void`.
+    pub status: Option<String>,
+}
+
+/// Lists invoices and credit notes.
+#[utoipa::path(get, path = "/v1/invoices", tag = "billing", params(InvoicesQuery),
+    responses((status = 200, body = InvoiceList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_invoices(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<InvoicesQuery>, QueryRejection>,
+) -> Result<ApiJson<InvoiceList>, ApiError> {
+    let Query(q) = query?;
+    let customer = caller.scope_customer(q.customer_id)?;
+    let list = state
+        .fatura
+        .invoices(customer.as_deref(), q.status.as_deref())
+        .await
+        .map_err(service_error)?;
+    let operator = matches!(caller, Caller::Admin);
+    let mut data = Vec::with_capacity(list.len());
+    for inv in list {
+        // Customers do not see drafts: they are not invoices yet.
+        if operator || inv.status != "draft" {
+            data.push(invoice_out(inv, operator)?);
+        }
+    }
+    Ok(ApiJson(InvoiceList { data }))
+}
+
+/// One invoice as JSON; `{id}.html` is the printable invoice in the customer's language
+/// (en or pt-BR) and `{id}.csv` its line items. Operator-only detail (upstream cost) is in
+/// the admin's JSON only.
+#[utoipa::path(get, path = "/v1/invoices/{id}", tag = "billing",
+    params(("id" = String, Path, description = "Invoice id, optionally with .html or .csv")),
+    responses((status = 200, body = InvoiceOut), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_invoice(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (id, format) = match id.rsplit_once('.') {
+        Some((id, "html")) => (id.to_string(), "html"),
+        Some((id, "csv")) => (id.to_string(), "csv"),
+        _ => (id, "json"),
+    };
+    let inv = state.fatura.invoice(&id).await.map_err(service_error)?;
+    caller.scope_customer(Some(inv.customer_id.clone()))?;
+    let operator = matches!(caller, Caller::Admin);
+    if !operator && inv.status == "draft" {
+        return Err(ApiError::not_found(format!("no invoice {id:?}")));
+    }
+    let doc: InvoiceDocument = document_of(&inv).map_err(service_error)?;
+    Ok(match format {
+        "html" => (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            invoice_html(&inv, &doc),
+        )
+            .into_response(),
+        "csv" => (
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!(
+                        "attachment; filename=\"{}.csv\"",
+                        inv.number.clone().unwrap_or_else(|| inv.id.clone())
+                    ),
+                ),
+            ],
+            invoice_csv(&inv, &doc),
+        )
+            .into_response(),
+        _ => ApiJson(invoice_out(inv, operator)?).into_response(),
+    })
+}
+
+/// Finalises a draft now: re-rated from the ledger, numbered, immutable from then on.
+#[utoipa::path(post, path = "/v1/invoices/{id}/finalize", tag = "billing",
+    params(("id" = String, Path, description = "Invoice id")),
+    responses((status = 200, body = InvoiceOut), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn finalize_invoice(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<ApiJson<InvoiceOut>, ApiError> {
+    let inv = state
+        .fatura
+        .finalize_invoice(&id, Utc::now())
+        .await
+        .map_err(service_error)?;
+    credit_rebate(&state, &inv).await;
+    Ok(ApiJson(invoice_out(inv, true)?))
+}
+
+async fn credit_rebate(state: &AppState, inv: &InvoiceRecord) {
+    if inv.prepaid_excess > Decimal::ZERO {
+        state
+            .wallets
+            .credited(&inv.customer_id, inv.prepaid_excess)
+            .await;
+    }
+}
+
+/// Voids a draft or an unpaid invoice. Its usage is billed again by the cycle's next run
+/// (void + reissue); a paid invoice is corrected with a credit note instead (409).
+#[utoipa::path(post, path = "/v1/invoices/{id}/void", tag = "billing",
+    params(("id" = String, Path, description = "Invoice id")),
+    responses((status = 200, body = InvoiceOut), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn void_invoice(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<ApiJson<InvoiceOut>, ApiError> {
+    let inv = state
+        .fatura
+        .void_invoice(&id, Utc::now())
+        .await
+        .map_err(service_error)?;
+    Ok(ApiJson(invoice_out(inv, true)?))
+}
+
+/// A credit note to issue.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreditNoteBody {
+    /// Amount credited (decimal string in the invoice currency, at most what is left of the
+    /// invoice's total after earlier credit notes).
+    pub amount: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Issues a credit note against a finalised invoice.
+#[utoipa::path(post, path = "/v1/invoices/{id}/credit-notes", tag = "billing", request_body = CreditNoteBody,
+    params(("id" = String, Path, description = "Invoice id")),
+    responses((status = 201, body = InvoiceOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_credit_note(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CreditNoteBody>,
+) -> Result<(StatusCode, ApiJson<InvoiceOut>), ApiError> {
+    let amount = Decimal::from_str(body.amount.trim()).map_err(|_| {
+        ApiError::unprocessable(
+            "invalid_request",
+            "amount: must be a decimal string such as \"10.00\"",
+            Vec::new(),
+        )
+    })?;
+    let note = state
+        .fatura
+        .credit_note(&id, amount, &body.reason, Utc::now())
+        .await
+        .map_err(service_error)?;
+    Ok((StatusCode::CREATED, ApiJson(invoice_out(note, true)?)))
+}
+
+/// Query of `POST /v1/billing/run`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RunQuery {
+    /// RFC 3339 instant to run at (default now): cycles ended by then are closed.
+    pub at: Option<String>,
+}
+
+/// What a billing run did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunOut {
+    /// Drafts created for closed cycles.
+    pub drafted: u64,
+    /// Drafts re-rated during their grace period.
+    pub refreshed: u64,
+    /// Invoices finalised.
+    pub finalized: Vec<InvoiceOut>,
+}
+
+/// Runs billing now (what the scheduler does): closes due cycles into drafts and finalises
+/// drafts past their grace period. Running it twice changes nothing the second time.
+#[utoipa::path(post, path = "/v1/billing/run", tag = "billing", params(RunQuery),
+    responses((status = 200, body = RunOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn run_billing(
+    State(state): State<AppState>,
+    _admin: Admin,
+    query: Result<Query<RunQuery>, QueryRejection>,
+) -> Result<ApiJson<RunOut>, ApiError> {
+    let Query(q) = query?;
+    let at = instant("at", q.at.as_deref())?.unwrap_or_else(Utc::now);
+    let report = state
+        .fatura
+        .run_billing(at, state.billing)
+        .await
+        .map_err(service_error)?;
+    let mut finalized = Vec::new();
+    for inv in report.finalized {
+        credit_rebate(&state, &inv).await;
+        finalized.push(invoice_out(inv, true)?);
+    }
+    Ok(ApiJson(RunOut {
+        drafted: report.drafted,
+        refreshed: report.refreshed,
+        finalized,
+    }))
+}
+
+/// Runs billing every `every` until the process stops (inside `fatura serve`).
+pub async fn scheduler(state: AppState, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match state.fatura.run_billing(Utc::now(), state.billing).await {
+            Ok(report) => {
+                for inv in &report.finalized {
+                    credit_rebate(&state, inv).await;
+                    tracing::info!(invoice = %inv.id, number = ?inv.number, total = %inv.total, "invoice finalised");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "billing run failed; retrying at the next tick"),
+        }
+    }
+}
