@@ -1249,6 +1249,8 @@ fn opt_time(r: &PgRow, col: &str) -> StoreResult<Option<DateTime<Utc>>> {
 
 fn invoice_from_row(r: &PgRow) -> StoreResult<InvoiceRecord> {
     let currency: String = r.try_get("currency")?;
+    let currency =
+        Currency::from_str(&currency).map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?;
     Ok(InvoiceRecord {
         id: r.try_get("id")?,
         customer_id: r.try_get("customer_id")?,
@@ -1257,14 +1259,13 @@ fn invoice_from_row(r: &PgRow) -> StoreResult<InvoiceRecord> {
         status: r.try_get("status")?,
         period_start: from_micros(r.try_get("period_start_us")?)?,
         period_end: from_micros(r.try_get("period_end_us")?)?,
-        currency: Currency::from_str(&currency)
-            .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
-        subtotal: r.try_get("subtotal")?,
-        tax: r.try_get("tax")?,
-        total: r.try_get("total")?,
-        prepaid_applied: r.try_get("prepaid_applied")?,
-        prepaid_excess: r.try_get("prepaid_excess")?,
-        amount_due: r.try_get("amount_due")?,
+        currency,
+        subtotal: minor_scale(r.try_get("subtotal")?, currency),
+        tax: minor_scale(r.try_get("tax")?, currency),
+        total: minor_scale(r.try_get("total")?, currency),
+        prepaid_applied: minor_scale(r.try_get("prepaid_applied")?, currency),
+        prepaid_excess: minor_scale(r.try_get("prepaid_excess")?, currency),
+        amount_due: minor_scale(r.try_get("amount_due")?, currency),
         document: r.try_get("document")?,
         corrects_invoice_id: r.try_get("corrects_invoice_id")?,
         events: r.try_get("events")?,
@@ -1327,4 +1328,10 @@ fn usage_from_row(r: &PgRow) -> StoreResult<TokenUsage> {
         count(r.try_get("requests")?)?,
     )
     .map_err(|e| StoreError::Internal(anyhow::anyhow!("stored event is invalid: {e}")))
+}
+
+/// NUMERIC keeps no trailing zeros for zero: amounts come back with the currency's decimals.
+fn minor_scale(mut d: Decimal, currency: Currency) -> Decimal {
+    d.rescale(currency.minor_units());
+    d
 }

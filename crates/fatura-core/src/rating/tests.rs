@@ -558,3 +558,33 @@ proptest! {
         prop_assert_eq!(s.lines[0].amount, round_minor(usd_exact * rate, Currency::Brl));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// An invoice of random usage: its line amounts, credits, minimum and tax add up to its
+    /// total exactly, and what is due plus what the wallet paid is the total.
+    #[test]
+    fn invoice_lines_sum_to_the_total(
+        terms in arb_terms(),
+        spec in prop::collection::vec(arb_event(), 0..40),
+        tax_bp in prop::option::of(0i64..3000),
+        charged_cents in 0i64..1_000_000,
+    ) {
+        let fx = fx_for(&terms);
+        let s = rate_segment(&segment(terms.clone()), fx, &build(&spec)).unwrap();
+        let t = crate::billing::invoice_totals(
+            terms.currency,
+            &[s.total],
+            tax_bp.map(|b| Decimal::new(b, 4)),
+            Decimal::new(charged_cents, 2),
+        );
+        let lines: Decimal = s.lines.iter().map(|l| l.amount).sum();
+        prop_assert_eq!(
+            lines - s.included_credits_applied + s.minimum_adjustment + t.tax,
+            t.total
+        );
+        prop_assert_eq!(t.amount_due + t.prepaid_applied, t.total);
+        prop_assert_eq!(t.total.scale(), 2);
+    }
+}

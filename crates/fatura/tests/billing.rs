@@ -1,0 +1,361 @@
+//! HTTP tests of billing: cycles closing into drafts and numbered invoices (once, even when
+//! runs race), late events billed as adjustments, renderings, credit notes, void + reissue.
+//! Run on SQLite and PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Backend, TestApp, event};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+on_both_backends!(
+    cycles_close_once_into_numbered_invoices_and_late_events_are_never_lost,
+    bad_billing_input_is_refused_and_changes_nothing,
+);
+
+async fn setup(backend: Backend) -> TestApp {
+    let app = TestApp::start(backend).await;
+    let (s, body) = app
+        .post_bytes(
+            "/v1/prices/import?format=openrouter&effective_from=2026-01-01T00:00:00Z",
+            serde_json::to_vec(&json!({"data": [
+                {"id": "openai/gpt-4o", "pricing": {"prompt": "0.0000025", "completion": "0.00001"}}]}))
+            .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, c) = app
+        .post(
+            "/v1/customers",
+            &json!({"id": "c1", "name": "Acme", "tax_rate": "0.10", "locale": "pt-BR",
+                    "payment_terms_days": 15}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{c}");
+    assert_eq!(c["tax_rate"], "0.10");
+    assert_eq!(c["timezone"], "UTC");
+    app
+}
+
+/// 1M prompt + 100k completion tokens of gpt-4o: cost 2.50 + 1.00 = 3.50 USD.
+fn call(id: &str, ts: &str) -> Value {
+    event(
+        id,
+        "c1",
+        json!({"timestamp": ts, "input_tokens": 1_000_000, "output_tokens": 100_000}),
+    )
+}
+
+async fn post_events(app: &TestApp, list: Vec<Value>) {
+    let (s, body) = app.post("/v1/events", &json!({ "events": list })).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+}
+
+async fn run(app: &TestApp, at: &str) -> Value {
+    let (s, body) = app
+        .post(&format!("/v1/billing/run?at={at}"), &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    body
+}
+
+async fn invoices(app: &TestApp, query: &str) -> Vec<Value> {
+    let (s, body) = app.get(&format!("/v1/invoices{query}")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    body["data"].as_array().unwrap().clone()
+}
+
+async fn cycles_close_once_into_numbered_invoices_and_late_events_are_never_lost(backend: Backend) {
+    let app = setup(backend).await;
+    post_events(&app, vec![call("n1", "2026-11-10T12:00:00Z")]).await;
+    // Within the grace period (1 hour) a closed cycle is a draft, re-rated on every run.
+    let r = run(&app, "2026-12-01T00:30:00Z").await;
+    assert_eq!(r["drafted"], 1, "{r}");
+    assert_eq!(r["finalized"], json!([]));
+    let list = invoices(&app, "?customer_id=c1").await;
+    assert_eq!(list.len(), 1);
+    let draft = &list[0];
+    assert_eq!(draft["status"], "draft");
+    assert_eq!(draft["number"], Value::Null);
+    // A customer does not see drafts.
+    let key = app.key_for("c1").await;
+    let (s, mine) = app.get_as(Some(&key), "/v1/invoices").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(mine["data"], json!([]));
+    let (s, _) = app
+        .get_as(
+            Some(&key),
+            &format!("/v1/invoices/{}", draft["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Two runs at once past the grace period: one finalised invoice.
+    let empty = json!({});
+    let (a, b) = tokio::join!(
+        app.post("/v1/billing/run?at=2026-12-01T02:00:00Z", &empty),
+        app.post("/v1/billing/run?at=2026-12-01T02:00:00Z", &empty)
+    );
+    assert_eq!(
+        (a.0, b.0),
+        (StatusCode::OK, StatusCode::OK),
+        "{} {}",
+        a.1,
+        b.1
+    );
+    let finalized =
+        a.1["finalized"].as_array().unwrap().len() + b.1["finalized"].as_array().unwrap().len();
+    assert_eq!(finalized, 1, "{} {}", a.1, b.1);
+    let list = invoices(&app, "?customer_id=c1").await;
+    assert_eq!(list.len(), 1, "one invoice per cycle");
+    let nov = list[0].clone();
+    // Default plan: 3.50 / 0.13 = 26.923… → 26.92; tax 10% = 2.692 → 2.69; total 29.61.
+    assert_eq!(nov["status"], "open");
+    assert_eq!(nov["number"], "FAT-2026-000001");
+    assert_eq!(nov["subtotal"], "26.92");
+    assert_eq!(nov["tax"], "2.69");
+    assert_eq!(nov["total"], "29.61");
+    assert_eq!(nov["amount_due"], "29.61");
+    assert_eq!(nov["events"], 1);
+    assert_eq!(nov["period_start"], "2026-11-01T00:00:00Z");
+    assert_eq!(nov["due_at"], "2026-12-16T02:00:00Z");
+    let line = &nov["document"]["sections"][0]["lines"][0];
+    assert_eq!(line["amount"], "26.92");
+    assert_eq!(line["cost_usd"], "3.5", "operators see the cost");
+    assert_eq!(line["quantities"]["prompt_tokens"], 1_000_000);
+    // Running again changes nothing.
+    let r = run(&app, "2026-12-01T03:00:00Z").await;
+    assert_eq!(
+        (r["drafted"].clone(), r["finalized"].clone()),
+        (json!(0), json!([]))
+    );
+    let nov_id = nov["id"].as_str().unwrap().to_string();
+    let (_, again) = app.get(&format!("/v1/invoices/{nov_id}")).await;
+    assert_eq!(again, nov, "a finalised invoice never changes");
+
+    // The customer's view: JSON without cost, printable HTML in pt-BR, CSV line items.
+    let (s, mine) = app
+        .get_as(Some(&key), &format!("/v1/invoices/{nov_id}"))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        mine["document"]["sections"][0]["lines"][0]
+            .get("cost_usd")
+            .is_none()
+    );
+    let html = app
+        .client
+        .get(app.url(&format!("/v1/invoices/{nov_id}.html")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(html.status(), StatusCode::OK);
+    assert!(
+        html.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = html.text().await.unwrap();
+    assert!(html.contains("Fatura FAT-2026-000001"), "{html}");
+    assert!(html.contains("US$ 29,61"), "{html}");
+    assert!(
+        !html.contains("3.5") && !html.contains("3,5 "),
+        "no cost on the customer's invoice"
+    );
+    let csv = app
+        .client
+        .get(app.url(&format!("/v1/invoices/{nov_id}.csv")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(csv.lines().nth(1).unwrap().ends_with(",26.92"), "{csv}");
+    app.post("/v1/customers", &json!({"id": "c2", "name": "Other"}))
+        .await;
+    let other = app.key_for("c2").await;
+    let (s, _) = app
+        .get_as(Some(&other), &format!("/v1/invoices/{nov_id}.html"))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // A late event for November, after November was finalised, and December's usage: both
+    // on the December invoice, the late one as a labelled adjustment.
+    post_events(
+        &app,
+        vec![
+            call("late", "2026-11-20T00:00:00Z"),
+            call("d1", "2026-12-05T00:00:00Z"),
+        ],
+    )
+    .await;
+    let r = run(&app, "2027-01-01T02:00:00Z").await;
+    let mine = |r: &Value| -> Vec<Value> {
+        r["finalized"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["customer_id"] == "c1")
+            .cloned()
+            .collect()
+    };
+    // c2 (created meanwhile, no usage) gets zero invoices for its cycles: a cycle always
+    // closes.
+    assert_eq!(mine(&r).len(), 1, "{r}");
+    let dec = mine(&r)[0].clone();
+    assert!(
+        dec["number"].as_str().unwrap().starts_with("FAT-2027-"),
+        "{dec}"
+    );
+    assert_eq!(dec["events"], 2);
+    let sections = dec["document"]["sections"].as_array().unwrap();
+    assert_eq!(sections.len(), 2, "{dec}");
+    assert_eq!(sections[0]["kind"], "adjustment");
+    assert_eq!(sections[0]["from"], "2026-11-01T00:00:00Z");
+    assert_eq!(sections[0]["total"], "26.92");
+    assert_eq!(sections[1]["kind"], "usage");
+    // 2 × 26.92 = 53.84; tax 5.384 → 5.38; total 59.22.
+    assert_eq!(dec["total"], "59.22");
+    let (_, nov_now) = app.get(&format!("/v1/invoices/{nov_id}")).await;
+    assert_eq!(nov_now["events"], 1, "November stays as finalised");
+
+    // Credit notes: up to the invoice's total, numbered in their own series.
+    let (s, cn) = app
+        .post(
+            &format!("/v1/invoices/{nov_id}/credit-notes"),
+            &json!({"amount": "5.00", "reason": "goodwill"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{cn}");
+    assert_eq!(cn["kind"], "credit_note");
+    assert!(
+        cn["number"].as_str().unwrap().starts_with("FAT-CN-"),
+        "{cn}"
+    );
+    assert_eq!(cn["total"], "5.00");
+    assert_eq!(cn["corrects_invoice_id"], nov_id.as_str());
+    let (s, _) = app
+        .post(
+            &format!("/v1/invoices/{nov_id}/credit-notes"),
+            &json!({"amount": "24.62", "reason": "too much"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "29.61 − 5.00 = 24.61 is left");
+    for bad in [
+        json!({"amount": "-1", "reason": "x"}),
+        json!({"amount": "1.001", "reason": "x"}),
+        json!({"amount": "abc", "reason": "x"}),
+        json!({"amount": "1", "reason": " "}),
+    ] {
+        let (s, body) = app
+            .post(&format!("/v1/invoices/{nov_id}/credit-notes"), &bad)
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+    }
+
+    // Void + reissue: December's usage is billed again by the next run, under a new number;
+    // the voided invoice keeps its number (no gap).
+    let dec_id = dec["id"].as_str().unwrap();
+    let (s, v) = app
+        .post(&format!("/v1/invoices/{dec_id}/void"), &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "void");
+    assert_eq!(
+        v["number"], dec["number"],
+        "a voided invoice keeps its number"
+    );
+    let (s, _) = app
+        .post(&format!("/v1/invoices/{dec_id}/void"), &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let r = run(&app, "2027-01-01T03:00:00Z").await;
+    let reissued = &mine(&r)[0];
+    assert_eq!(reissued["number"], "FAT-2027-000004", "{r}");
+    assert_eq!(reissued["total"], "59.22");
+    assert_eq!(reissued["events"], 2);
+    let (s, _) = app
+        .post(&format!("/v1/invoices/{nov_id}/finalize"), &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "only drafts are finalised");
+    // Every event billed exactly once by a live invoice: 1 + 2 = 3 events.
+    let live: i64 = invoices(&app, "?customer_id=c1")
+        .await
+        .iter()
+        .filter(|i| i["kind"] == "invoice" && i["status"] != "void")
+        .map(|i| i["events"].as_i64().unwrap())
+        .sum();
+    assert_eq!(live, 3);
+    let open = invoices(&app, "?status=open&customer_id=c1").await;
+    assert_eq!(open.len(), 3, "two invoices and a credit note: {open:?}");
+}
+
+async fn bad_billing_input_is_refused_and_changes_nothing(backend: Backend) {
+    let app = setup(backend).await;
+    for (bad, field) in [
+        (json!({"billing_anchor_day": 29}), "billing_anchor_day"),
+        (json!({"billing_anchor_day": 0}), "billing_anchor_day"),
+        (json!({"timezone": "Mars/Base"}), "timezone"),
+        (json!({"tax_rate": "1.5"}), "tax_rate"),
+        (json!({"tax_rate": "abc"}), "tax_rate"),
+        (json!({"locale": "fr"}), "locale"),
+        (json!({"payment_terms_days": 400}), "payment_terms_days"),
+    ] {
+        let (s, body) = app.patch("/v1/customers/c1", &bad).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(field),
+            "{bad}: {body}"
+        );
+    }
+    let (_, c) = app.get("/v1/customers/c1").await;
+    assert_eq!(c["billing_anchor_day"], 1);
+    assert_eq!(c["tax_rate"], "0.10");
+    // A good change: cycles start on the 15th in São Paulo (03:00 UTC).
+    let (s, c) = app
+        .patch(
+            "/v1/customers/c1",
+            &json!({"billing_anchor_day": 15, "timezone": "America/Sao_Paulo", "tax_rate": null}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["tax_rate"], Value::Null);
+    let (_, u) = app
+        .get("/v1/customers/c1/upcoming?at=2026-11-24T00:00:00Z")
+        .await;
+    assert_eq!(u["period_start"], "2026-11-15T03:00:00Z", "{u}");
+    assert_eq!(u["period_end"], "2026-12-15T03:00:00Z");
+    for (path, s_expected) in [
+        ("/v1/invoices?status=late", StatusCode::UNPROCESSABLE_ENTITY),
+        ("/v1/invoices/nope", StatusCode::NOT_FOUND),
+        ("/v1/invoices/nope.html", StatusCode::NOT_FOUND),
+        ("/v1/invoices?surprise=1", StatusCode::BAD_REQUEST),
+    ] {
+        let (s, body) = app.get(path).await;
+        assert_eq!(s, s_expected, "{path}: {body}");
+    }
+    let (s, _) = app.post("/v1/billing/run?at=yesterday", &json!({})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = app.post("/v1/invoices/nope/void", &json!({})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let key = app.key_for("c1").await;
+    for (method, path) in [
+        ("POST", "/v1/billing/run"),
+        ("POST", "/v1/invoices/x/void"),
+        ("POST", "/v1/invoices/x/finalize"),
+        ("POST", "/v1/invoices/x/credit-notes"),
+    ] {
+        assert_eq!(method, "POST");
+        let (s, _) = app.post_as(Some(&key), path, &json!({})).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert!(invoices(&app, "").await.is_empty());
+}
