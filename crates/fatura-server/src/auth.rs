@@ -31,6 +31,8 @@ pub enum Caller {
         prepaid: bool,
         /// A postpaid customer's monthly spend limit (USD).
         spend_limit: Option<rust_decimal::Decimal>,
+        /// Why the customer is suspended (unpaid invoices), if it is.
+        suspended: Option<String>,
     },
 }
 
@@ -138,6 +140,11 @@ impl FromRequestParts<AppState> for Caller {
             key_id: key.id,
             prepaid: customer.prepaid,
             spend_limit: customer.monthly_spend_limit,
+            suspended: (customer.status == "suspended").then(|| {
+                customer
+                    .status_reason
+                    .unwrap_or_else(|| "the account is suspended".into())
+            }),
         };
         state.keys.put(digest, caller.clone());
         Ok(caller)

@@ -12,6 +12,7 @@ pub mod error;
 pub mod gateway;
 pub mod metrics;
 pub mod mock;
+pub mod payments;
 pub mod render;
 pub mod service;
 pub mod wallet;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub wallets: Arc<wallet::WalletBook>,
     /// Billing policy (grace period).
     pub billing: service::BillingPolicy,
+    /// Payment collection, when a processor is configured.
+    pub payments: Option<Arc<payments::Collector>>,
 }
 
 impl AppState {
@@ -74,7 +77,24 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             gateway: None,
             billing: service::BillingPolicy::default(),
+            payments: None,
         }
+    }
+
+    /// Adds payment collection through `processor`.
+    pub fn with_payments(
+        mut self,
+        processor: Arc<dyn payments::PaymentProcessor>,
+        policy: payments::CollectionPolicy,
+    ) -> Self {
+        self.payments = Some(Arc::new(payments::Collector::new(
+            self.fatura.clone(),
+            processor,
+            self.wallets.clone(),
+            self.keys.clone(),
+            policy,
+        )));
+        self
     }
 
     /// Sets the billing policy.
@@ -123,6 +143,9 @@ impl AppState {
         api::invoices::void_invoice,
         api::invoices::create_credit_note,
         api::invoices::run_billing,
+        api::invoices::stripe_webhook,
+        api::invoices::save_payment_method,
+        api::invoices::top_up,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -243,6 +266,15 @@ pub fn router(state: AppState) -> Router {
             post(api::invoices::create_credit_note),
         )
         .route("/v1/billing/run", post(api::invoices::run_billing))
+        .route("/v1/webhooks/stripe", post(api::invoices::stripe_webhook))
+        .route(
+            "/v1/customers/{id}/payment-methods",
+            post(api::invoices::save_payment_method),
+        )
+        .route(
+            "/v1/customers/{id}/wallet/top-ups",
+            post(api::invoices::top_up),
+        )
         .route(
             "/v1/customers/{id}/upcoming",
             get(api::pricing::get_upcoming),

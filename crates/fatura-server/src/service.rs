@@ -295,6 +295,11 @@ pub fn hash_api_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
+/// A new random id suffix (20 hex characters).
+pub fn new_id() -> String {
+    random_hex(10)
+}
+
 fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
@@ -368,6 +373,7 @@ impl Fatura {
             stripe_customer_id: None,
             status: "active".into(),
             status_reason: None,
+            payment_method_id: None,
             created_at: now,
         };
         self.store.create_customer(&customer).await?;

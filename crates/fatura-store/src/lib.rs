@@ -83,6 +83,8 @@ pub struct Customer {
     pub status: String,
     /// Why suspended.
     pub status_reason: Option<String>,
+    /// The saved payment method collections are charged to.
+    pub payment_method_id: Option<String>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
 }
@@ -310,6 +312,34 @@ pub struct InvoiceRecord {
     pub payment_reference: Option<String>,
     /// Last collection failure.
     pub last_payment_error: Option<String>,
+}
+
+/// One attempt to collect (or return) money through the payment processor. Its id is the
+/// idempotency key sent with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRecord {
+    /// Id and idempotency key (`fatura-inv_…-attempt-2`, `fatura-topup-…`, `fatura-refund-…`).
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// Invoice (or credit note, for a refund).
+    pub invoice_id: Option<String>,
+    /// `invoice`, `top_up` or `refund`.
+    pub kind: String,
+    /// Amount.
+    pub amount: Decimal,
+    /// Currency.
+    pub currency: Currency,
+    /// `pending`, `succeeded` or `failed`.
+    pub status: String,
+    /// Processor reference (PaymentIntent or refund id).
+    pub reference: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
 }
 
 /// A plan version: the plan's name and terms from `effective_from` on.
@@ -580,6 +610,31 @@ pub trait Store: Send + Sync + 'static {
         customer_id: Option<&str>,
         status: Option<&str>,
     ) -> StoreResult<Vec<InvoiceRecord>>;
+    /// Records the customer's saved payment method (and its processor customer id).
+    async fn set_payment_method(&self, id: &str, payment_method: &str) -> StoreResult<bool>;
+    /// Inserts a payment attempt; false if its id exists.
+    async fn insert_payment(&self, p: &PaymentRecord) -> StoreResult<bool>;
+    /// Moves a pending payment to `succeeded` or `failed` (or records its reference);
+    /// returns it, or `None` if there is no such payment. A payment already settled keeps
+    /// its status (a repeated outcome changes nothing).
+    async fn settle_payment(
+        &self,
+        id: &str,
+        status: &str,
+        reference: Option<&str>,
+        error: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<(PaymentRecord, bool)>>;
+    /// One payment.
+    async fn get_payment(&self, id: &str) -> StoreResult<Option<PaymentRecord>>;
+    /// Payments of a customer, oldest first (optionally of one invoice).
+    async fn list_payments(
+        &self,
+        customer_id: &str,
+        invoice_id: Option<&str>,
+    ) -> StoreResult<Vec<PaymentRecord>>;
+    /// Remembers a webhook event id; false if it was seen before.
+    async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool>;
     /// Records a collection attempt's outcome: `paid_at` set → paid; else the failure.
     async fn record_payment(
         &self,

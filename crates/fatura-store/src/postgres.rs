@@ -22,10 +22,10 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::{
     AlertRecord, ApiKeyRecord, BillingSettings, Customer, EventPricing, FxRate, INSERT_CHUNK,
-    InsertOutcome, InvoiceRecord, PlanAssignment, PlanVersionRecord, PreparedEvent, PriceImport,
-    PricingChange, PricingData, Store, StoreError, StoreResult, StoredEvent, UnpricedEvent,
-    UnpricedModel, UsageFilter, WalletTransaction, count, from_micros, micros, parse_terms,
-    terms_json,
+    InsertOutcome, InvoiceRecord, PaymentRecord, PlanAssignment, PlanVersionRecord, PreparedEvent,
+    PriceImport, PricingChange, PricingData, Store, StoreError, StoreResult, StoredEvent,
+    UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count, from_micros, micros,
+    parse_terms, terms_json,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -73,6 +73,7 @@ fn customer_from_row(r: &PgRow) -> StoreResult<Customer> {
         stripe_customer_id: r.try_get("stripe_customer_id")?,
         status: r.try_get("status")?,
         status_reason: r.try_get("status_reason")?,
+        payment_method_id: r.try_get("payment_method_id")?,
         created_at: from_micros(r.try_get("created_at_us")?)?,
     })
 }
@@ -1176,6 +1177,123 @@ impl Store for PgStore {
         tx.commit().await?;
         row.as_ref().map(invoice_from_row).transpose()
     }
+    async fn set_payment_method(&self, id: &str, payment_method: &str) -> StoreResult<bool> {
+        let res = sqlx::query("UPDATE customers SET payment_method_id = $1 WHERE id = $2")
+            .bind(payment_method)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn insert_payment(&self, p: &PaymentRecord) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "INSERT INTO payments (id, customer_id, invoice_id, kind, amount, currency, status, reference, error, \
+             created_at_us, updated_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+        )
+        .bind(&p.id)
+        .bind(&p.customer_id)
+        .bind(&p.invoice_id)
+        .bind(&p.kind)
+        .bind(p.amount)
+        .bind(p.currency.code())
+        .bind(&p.status)
+        .bind(&p.reference)
+        .bind(&p.error)
+        .bind(micros(p.created_at))
+        .bind(micros(p.updated_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn settle_payment(
+        &self,
+        id: &str,
+        status: &str,
+        reference: Option<&str>,
+        error: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<(PaymentRecord, bool)>> {
+        let mut tx = self.pool.begin().await?;
+        let res = sqlx::query(
+            "UPDATE payments SET status = $1, reference = COALESCE($2, reference), error = $3, updated_at_us = $4 \
+             WHERE id = $5 AND status = 'pending'",
+        )
+        .bind(status)
+        .bind(reference)
+        .bind(error)
+        .bind(micros(at))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query("SELECT * FROM payments WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        row.as_ref()
+            .map(|r| Ok((payment_from_row(r)?, res.rows_affected() == 1)))
+            .transpose()
+    }
+
+    async fn get_payment(&self, id: &str) -> StoreResult<Option<PaymentRecord>> {
+        sqlx::query("SELECT * FROM payments WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(payment_from_row)
+            .transpose()
+    }
+
+    async fn list_payments(
+        &self,
+        customer_id: &str,
+        invoice_id: Option<&str>,
+    ) -> StoreResult<Vec<PaymentRecord>> {
+        sqlx::query(
+            "SELECT * FROM payments WHERE customer_id = $1 AND ($2::text IS NULL OR invoice_id = $2) \
+             ORDER BY created_at_us, id",
+        )
+        .bind(customer_id)
+        .bind(invoice_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(payment_from_row)
+        .collect()
+    }
+
+    async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "INSERT INTO webhook_events (id, type, received_at_us) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(micros(at))
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+}
+
+fn payment_from_row(r: &PgRow) -> StoreResult<PaymentRecord> {
+    let currency: String = r.try_get("currency")?;
+    Ok(PaymentRecord {
+        id: r.try_get("id")?,
+        customer_id: r.try_get("customer_id")?,
+        invoice_id: r.try_get("invoice_id")?,
+        kind: r.try_get("kind")?,
+        amount: r.try_get("amount")?,
+        currency: Currency::from_str(&currency)
+            .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
+        status: r.try_get("status")?,
+        reference: r.try_get("reference")?,
+        error: r.try_get("error")?,
+        created_at: from_micros(r.try_get("created_at_us")?)?,
+        updated_at: from_micros(r.try_get("updated_at_us")?)?,
+    })
 }
 
 const INSERT_INVOICE: &str = "INSERT INTO invoices (id, customer_id, kind, number, status, period_start_us, period_end_us, \

@@ -34,6 +34,21 @@ struct BillingFile {
     grace_seconds: Option<u64>,
     /// Seconds between billing runs inside `fatura serve` (default 60; 0 disables).
     run_every_seconds: Option<u64>,
+    /// Failed payment attempts on an invoice before the customer is suspended (default 3).
+    max_payment_attempts: Option<i64>,
+    /// Seconds between payment attempts of one invoice (default 86400).
+    payment_retry_seconds: Option<u64>,
+    /// Stripe's API base URL (default https://api.stripe.com; env FATURA_STRIPE_API_BASE).
+    stripe_api_base: Option<String>,
+}
+
+/// Stripe settings: the keys come from the environment only.
+#[derive(Clone)]
+pub struct StripeConfig {
+    pub api_base: String,
+    pub api_key: String,
+    pub webhook_secret: String,
+    pub policy: fatura_server::payments::CollectionPolicy,
 }
 
 /// Effective configuration.
@@ -55,6 +70,8 @@ pub struct Config {
     pub billing_grace: chrono::Duration,
     /// Interval of the billing scheduler (`None`: disabled).
     pub billing_every: Option<std::time::Duration>,
+    /// Payment collection through Stripe, when its keys are set.
+    pub stripe: Option<StripeConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -135,6 +152,43 @@ impl Config {
                 )
                 .unwrap_or(3600),
             ),
+            stripe: match (
+                env("FATURA_STRIPE_API_KEY"),
+                env("FATURA_STRIPE_WEBHOOK_SECRET"),
+            ) {
+                (Some(api_key), Some(webhook_secret)) => Some(StripeConfig {
+                    api_base: env("FATURA_STRIPE_API_BASE")
+                        .or(file
+                            .billing
+                            .as_ref()
+                            .and_then(|b| b.stripe_api_base.clone()))
+                        .unwrap_or_else(|| "https://api.stripe.com".into()),
+                    api_key,
+                    webhook_secret,
+                    policy: fatura_server::payments::CollectionPolicy {
+                        max_attempts: file
+                            .billing
+                            .as_ref()
+                            .and_then(|b| b.max_payment_attempts)
+                            .unwrap_or(3)
+                            .clamp(1, 100),
+                        retry_after: chrono::Duration::seconds(
+                            i64::try_from(
+                                file.billing
+                                    .as_ref()
+                                    .and_then(|b| b.payment_retry_seconds)
+                                    .unwrap_or(86_400)
+                                    .min(90 * 86_400),
+                            )
+                            .unwrap_or(86_400),
+                        ),
+                    },
+                }),
+                (None, None) => None,
+                _ => bail!(
+                    "set both FATURA_STRIPE_API_KEY and FATURA_STRIPE_WEBHOOK_SECRET (or neither)"
+                ),
+            },
             billing_every: match file
                 .billing
                 .as_ref()

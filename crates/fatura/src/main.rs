@@ -310,6 +310,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     grace: config.billing_grace,
                 },
             );
+            if let Some(stripe) = config.stripe.clone() {
+                state = state.with_payments(
+                    Arc::new(fatura_server::payments::StripeProcessor::new(
+                        &stripe.api_base,
+                        &stripe.api_key,
+                        &stripe.webhook_secret,
+                    )),
+                    stripe.policy,
+                );
+            }
             let mut writer = None;
             if let Some(gw) = config.gateway.clone() {
                 let (meter, w) = fatura_server::gateway::Meter::start(

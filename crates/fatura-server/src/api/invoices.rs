@@ -304,6 +304,12 @@ pub async fn create_credit_note(
         .credit_note(&id, amount, &body.reason, Utc::now())
         .await
         .map_err(service_error)?;
+    // Money already collected goes back.
+    if let Some(c) = &state.payments {
+        c.refund_credit_note(&note, Utc::now())
+            .await
+            .map_err(service_error)?;
+    }
     Ok((StatusCode::CREATED, ApiJson(invoice_out(note, true)?)))
 }
 
@@ -344,9 +350,16 @@ pub async fn run_billing(
         .run_billing(at, state.billing)
         .await
         .map_err(service_error)?;
+    for inv in &report.finalized {
+        credit_rebate(&state, inv).await;
+    }
+    if let Some(c) = &state.payments {
+        c.collect_due(at).await.map_err(service_error)?;
+    }
     let mut finalized = Vec::new();
     for inv in report.finalized {
-        credit_rebate(&state, &inv).await;
+        // As it stands after collection (a zero invoice is paid at once).
+        let inv = state.fatura.invoice(&inv.id).await.map_err(service_error)?;
         finalized.push(invoice_out(inv, true)?);
     }
     Ok(ApiJson(RunOut {
@@ -371,5 +384,143 @@ pub async fn scheduler(state: AppState, every: std::time::Duration) {
             }
             Err(e) => tracing::warn!(error = %e, "billing run failed; retrying at the next tick"),
         }
+        if let Some(c) = &state.payments
+            && let Err(e) = c.collect_due(Utc::now()).await
+        {
+            tracing::warn!(error = %e, "collection failed; retrying at the next tick");
+        }
     }
+}
+
+fn collector(state: &AppState) -> Result<&std::sync::Arc<crate::payments::Collector>, ApiError> {
+    state.payments.as_ref().ok_or_else(|| {
+        ApiError::not_found(
+            "no payment processor is configured (set FATURA_STRIPE_API_KEY and FATURA_STRIPE_WEBHOOK_SECRET)",
+        )
+    })
+}
+
+/// What a webhook did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookOut {
+    /// `applied`, `duplicate` (event id seen before) or `ignored`.
+    pub result: String,
+}
+
+/// Stripe's webhooks: verified (`Stripe-Signature`, HMAC-SHA256, 300 s tolerance, constant
+/// time), deduplicated by event id; `payment_intent.succeeded` marks the invoice paid (or
+/// credits a top-up), `payment_intent.payment_failed` records the failure.
+#[utoipa::path(post, path = "/v1/webhooks/stripe", tag = "billing", request_body(content = String, content_type = "application/json"),
+    responses((status = 200, body = WebhookOut), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn stripe_webhook(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<ApiJson<WebhookOut>, ApiError> {
+    let collector = collector(&state)?;
+    let now = Utc::now();
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    let event = collector
+        .processor()
+        .verify_webhook(signature, &body, now)
+        .map_err(|m| ApiError::bad_request("invalid_signature", m))?;
+    let result = collector
+        .handle_webhook(&event, now)
+        .await
+        .map_err(service_error)?;
+    Ok(ApiJson(WebhookOut {
+        result: result.to_string(),
+    }))
+}
+
+/// A payment method to save.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentMethodBody {
+    /// The processor's payment method id (`pm_…`), e.g. from a SetupIntent.
+    pub payment_method: String,
+}
+
+/// Saves the customer's payment method: the processor customer is created on first need,
+/// the method attached and made the default; invoices and top-ups are charged to it.
+#[utoipa::path(post, path = "/v1/customers/{id}/payment-methods", tag = "billing", request_body = PaymentMethodBody,
+    params(("id" = String, Path, description = "Customer id")),
+    responses((status = 200, body = crate::api::customers::CustomerOut), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn save_payment_method(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PaymentMethodBody>,
+) -> Result<ApiJson<crate::api::customers::CustomerOut>, ApiError> {
+    let c = collector(&state)?
+        .save_payment_method(&id, body.payment_method.trim())
+        .await
+        .map_err(service_error)?;
+    Ok(ApiJson(c.into()))
+}
+
+/// A top-up to charge.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TopUpBody {
+    /// Amount (decimal string in the customer's currency).
+    pub amount: String,
+}
+
+/// A payment attempt.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PaymentOut {
+    /// Id (the idempotency key sent to the processor).
+    pub id: String,
+    /// `invoice`, `top_up` or `refund`.
+    pub kind: String,
+    /// Amount.
+    pub amount: String,
+    /// Currency.
+    pub currency: String,
+    /// `pending` (confirmation comes by webhook), `succeeded` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Charges a prepaid customer's saved payment method; the wallet is credited when the
+/// processor confirms the payment (webhook).
+#[utoipa::path(post, path = "/v1/customers/{id}/wallet/top-ups", tag = "billing", request_body = TopUpBody,
+    params(("id" = String, Path, description = "Customer id")),
+    responses((status = 202, body = PaymentOut), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn top_up(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<TopUpBody>,
+) -> Result<(StatusCode, ApiJson<PaymentOut>), ApiError> {
+    let amount = Decimal::from_str(body.amount.trim()).map_err(|_| {
+        ApiError::unprocessable(
+            "invalid_request",
+            "amount: must be a decimal string such as \"50.00\"",
+            Vec::new(),
+        )
+    })?;
+    let p = collector(&state)?
+        .top_up(&id, amount, Utc::now())
+        .await
+        .map_err(service_error)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        ApiJson(PaymentOut {
+            id: p.id,
+            kind: p.kind,
+            amount: p.amount.to_string(),
+            currency: p.currency.code().into(),
+            status: p.status,
+            error: p.error,
+        }),
+    ))
 }

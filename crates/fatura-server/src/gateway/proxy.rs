@@ -353,6 +353,17 @@ async fn proxy(
     })?;
     let (customer_id, budget) = match caller {
         Caller::Customer {
+            suspended: Some(reason),
+            ..
+        } => {
+            outcome(&state.metrics, "none", "suspended");
+            return Err(ApiError::insufficient_credits(format!(
+                "the account is suspended: {reason}; calls resume once it is paid"
+            ))
+            .with_code("account_suspended")
+            .into_response());
+        }
+        Caller::Customer {
             customer_id,
             prepaid,
             spend_limit,

@@ -362,6 +362,37 @@ impl Fatura {
         }
     }
 
+    /// Raises an operator alert (deduplicated by `key`; repeats bump its count). Failing to
+    /// record it is logged, never fatal.
+    pub async fn alert(
+        &self,
+        kind: &str,
+        severity: &str,
+        customer_id: Option<&str>,
+        key: &str,
+        message: String,
+        now: DateTime<Utc>,
+    ) {
+        let alert = AlertRecord {
+            id: format!("alr_{}", random_hex(8)),
+            dedupe_key: format!("{kind}:{key}"),
+            kind: kind.into(),
+            severity: severity.into(),
+            customer_id: customer_id.map(str::to_string),
+            plan_id: None,
+            provider: None,
+            model: None,
+            reason: None,
+            message,
+            first_seen: now,
+            last_seen: now,
+            occurrences: 1,
+        };
+        if let Err(e) = self.store.raise_alert(&alert).await {
+            tracing::warn!(error = %e, "could not record an alert");
+        }
+    }
+
     /// Every alert, most recent first.
     pub async fn alerts(&self) -> ServiceResult<Vec<AlertRecord>> {
         Ok(self.store.list_alerts().await?)
