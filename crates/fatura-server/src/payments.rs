@@ -492,6 +492,16 @@ impl Collector {
             .store()
             .set_payment_method(customer_id, payment_method)
             .await?;
+        // A new card is tried at once on what is owed (whatever the retry schedule).
+        for inv in self
+            .fatura
+            .invoices(Some(customer_id), Some("open"))
+            .await?
+        {
+            if inv.kind == "invoice" {
+                self.collect_invoice(&inv, Utc::now(), true).await?;
+            }
+        }
         self.fatura.customer(customer_id).await
     }
 
@@ -556,7 +566,7 @@ impl Collector {
     pub async fn collect_due(&self, now: DateTime<Utc>) -> ServiceResult<()> {
         let open = self.fatura.invoices(None, Some("open")).await?;
         for inv in open.into_iter().filter(|i| i.kind == "invoice") {
-            if let Err(e) = self.collect_invoice(&inv, now).await {
+            if let Err(e) = self.collect_invoice(&inv, now, false).await {
                 tracing::warn!(invoice = %inv.id, error = %e, "collection failed");
             }
         }
@@ -580,11 +590,13 @@ impl Collector {
         Ok((inv.amount_due - notes).max(Decimal::ZERO))
     }
 
-    /// One collection step for one open invoice.
+    /// One collection step for one open invoice; `force` ignores the retry schedule and the
+    /// attempt limit (a new payment method).
     pub async fn collect_invoice(
         &self,
         inv: &InvoiceRecord,
         now: DateTime<Utc>,
+        force: bool,
     ) -> ServiceResult<()> {
         let store = self.fatura.store();
         let owed = self.owed(inv).await?;
@@ -611,10 +623,11 @@ impl Collector {
             return Ok(());
         }
         let failed = i64::try_from(attempts.len()).unwrap_or(i64::MAX);
-        if failed >= self.policy.max_attempts {
-            return Ok(()); // suspended already; waits for payment
+        if !force && failed >= self.policy.max_attempts {
+            return Ok(()); // suspended already; waits for a new payment method
         }
-        if let Some(last) = attempts.last()
+        if !force
+            && let Some(last) = attempts.last()
             && now < last.updated_at + self.policy.retry_after
         {
             return Ok(());

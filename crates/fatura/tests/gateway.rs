@@ -23,6 +23,7 @@ on_both_backends!(
     shutdown_drains_every_pending_event,
     prepaid_calls_settle_to_their_price_and_get_402_when_short,
     reservations_charges_and_model_prices_follow_the_customers_plan,
+    invoices_are_collected_through_stripe_end_to_end,
     concurrent_calls_cannot_overspend_a_prepaid_balance,
     wallet_credits_are_validated_and_wallets_isolated,
     sync_durability_answers_after_the_commit,
@@ -489,6 +490,18 @@ struct Setup {
 }
 
 async fn setup(backend: Backend, mock: MockConfig, extra: &str) -> Setup {
+    setup_full(backend, mock, extra, None).await
+}
+
+async fn setup_full(
+    backend: Backend,
+    mock: MockConfig,
+    extra: &str,
+    payments: Option<(
+        std::sync::Arc<dyn fatura_server::payments::PaymentProcessor>,
+        fatura_server::payments::CollectionPolicy,
+    )>,
+) -> Setup {
     let flavor = mock.flavor;
     let mock_url = start_mock(MockConfig {
         api_key: Some(UPSTREAM_KEY.into()),
@@ -515,7 +528,7 @@ async fn setup(backend: Backend, mock: MockConfig, extra: &str) -> Setup {
         "#
     );
     let config: GatewayConfig = toml::from_str(&toml_text).unwrap();
-    let app = TestApp::start_with(backend, Some(config)).await;
+    let app = TestApp::start_full(backend, Some(config), payments).await;
     app.customer("acme").await;
     let key = app.key_for("acme").await;
     // Prices of the mock's models, as the provider the upstream kind implies.
@@ -1195,4 +1208,333 @@ async fn reservations_charges_and_model_prices_follow_the_customers_plan(backend
     usage_when(&s.app, 1, "").await;
     let w = wallet(&s.app, "pre").await;
     assert_eq!(w["balance"], "0.92", "{w}");
+}
+
+/// A `localstripe` process (the Stripe fake from PyPI) on a free loopback port, killed on
+/// drop.
+struct LocalStripe {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for LocalStripe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn localstripe() -> LocalStripe {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("localstripe")
+        .args(["--port", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("localstripe is installed (scripts/test installs it)");
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client
+            .get(format!("{base}/v1/customers"))
+            .basic_auth(STRIPE_KEY, Some(""))
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "localstripe did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    LocalStripe { child, base }
+}
+
+const STRIPE_KEY: &str = "sk_test_fatura";
+const WEBHOOK_SECRET: &str = "whsec_fatura_test";
+
+async fn stripe_post(ls: &LocalStripe, path: &str, form: &[(&str, &str)]) -> Value {
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", ls.base))
+        .basic_auth(STRIPE_KEY, Some(""))
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null)
+}
+
+async fn stripe_get(ls: &LocalStripe, path: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{}{path}", ls.base))
+        .basic_auth(STRIPE_KEY, Some(""))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn card(ls: &LocalStripe, number: &str) -> String {
+    let pm = stripe_post(
+        ls,
+        "/v1/payment_methods",
+        &[
+            ("type", "card"),
+            ("card[number]", number),
+            ("card[exp_month]", "12"),
+            ("card[exp_year]", "2030"),
+            ("card[cvc]", "123"),
+        ],
+    )
+    .await;
+    pm["id"].as_str().unwrap().to_string()
+}
+
+/// Polls `GET path` until `pred` holds (webhooks arrive about a second after the charge).
+async fn eventually(app: &TestApp, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = app.get(path).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{path} never got there: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn sign(secret: &str, t: i64, payload: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.{payload}").as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+async fn invoices_are_collected_through_stripe_end_to_end(backend: Backend) {
+    let ls = localstripe().await;
+    let processor = std::sync::Arc::new(fatura_server::payments::StripeProcessor::new(
+        &ls.base,
+        STRIPE_KEY,
+        WEBHOOK_SECRET,
+    ));
+    let policy = fatura_server::payments::CollectionPolicy {
+        max_attempts: 2,
+        retry_after: chrono::Duration::zero(),
+    };
+    let s = setup_full(
+        backend,
+        MockConfig::default(),
+        "",
+        Some((processor, policy)),
+    )
+    .await;
+    let app = &s.app;
+    let gw = app.url("/v1");
+    let hook = stripe_post(
+        &ls,
+        "/_config/webhooks/fatura",
+        &[
+            ("url", &app.url("/v1/webhooks/stripe")),
+            ("secret", WEBHOOK_SECRET),
+        ],
+    )
+    .await;
+    let _ = hook;
+    // acme pays by a working card; "bad" by one that attaches but declines.
+    let good = card(&ls, "4242424242424242").await;
+    let (st, c) = app
+        .post(
+            "/v1/customers/acme/payment-methods",
+            &json!({"payment_method": good}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{c}");
+    app.customer("bad").await;
+    let bad_key = app.key_for("bad").await;
+    let declining = card(&ls, "4000000000000341").await;
+    let (st, c) = app
+        .post(
+            "/v1/customers/bad/payment-methods",
+            &json!({"payment_method": declining}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{c}");
+    // Usage through the gateway: "flat" at 0.01 per completion token (default plan), 100
+    // tokens → 1.00 each.
+    for key in [&s.key, &bad_key] {
+        let out = python(
+            &gw,
+            key,
+            "chat",
+            json!({"model": "flat", "max_tokens": 200, "mock": {"completion_tokens": 100}}),
+        )
+        .await;
+        assert!(out.get("response").is_some(), "{out}");
+    }
+    usage_when(app, 2, "").await;
+    // The cycle closes: run after its end plus the grace period.
+    let (_, end) = fatura_core::billing::CycleSpec::default().cycle_containing(chrono::Utc::now());
+    let at = (end + chrono::Duration::hours(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (st, r) = app
+        .post(&format!("/v1/billing/run?at={at}"), &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    let acme_inv = r["finalized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["customer_id"] == "acme")
+        .unwrap_or_else(|| panic!("{r}"))
+        .clone();
+    assert_eq!(acme_inv["total"], "1.00");
+    let id = acme_inv["id"].as_str().unwrap();
+    // Charged in localstripe for exactly its total; the signed webhook marks it paid.
+    let paid = eventually(app, &format!("/v1/invoices/{id}"), |v| {
+        v["status"] == "paid"
+    })
+    .await;
+    let pi = paid["payment_reference"].as_str().unwrap();
+    let intent = stripe_get(&ls, &format!("/v1/payment_intents/{pi}")).await;
+    assert_eq!(intent["amount"], 100, "{intent}");
+    assert_eq!(intent["currency"], "usd");
+    assert_eq!(intent["status"], "succeeded");
+    assert_eq!(intent["metadata"]["fatura_invoice_id"], id);
+    // The declining card: attempt 1 failed at finalisation; a second run retries; after 2
+    // failures the customer is suspended and the gateway answers 402 with the reason.
+    let bad_inv = r["finalized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["customer_id"] == "bad")
+        .unwrap()
+        .clone();
+    let bad_id = bad_inv["id"].as_str().unwrap().to_string();
+    let (st, _) = app
+        .post(&format!("/v1/billing/run?at={at}"), &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let failed = eventually(app, &format!("/v1/invoices/{bad_id}"), |v| {
+        v["payment_attempts"] == 2
+    })
+    .await;
+    assert_eq!(failed["status"], "open");
+    assert!(
+        failed["last_payment_error"]
+            .as_str()
+            .unwrap()
+            .contains("declined"),
+        "{failed}"
+    );
+    let (_, c) = app.get("/v1/customers/bad").await;
+    assert_eq!(c["status"], "suspended", "{c}");
+    let out = python(
+        &gw,
+        &bad_key,
+        "chat",
+        json!({"model": "flat", "max_tokens": 5}),
+    )
+    .await;
+    assert_eq!(out["status_error"], 402, "{out}");
+    assert_eq!(out["body"]["code"], "account_suspended");
+    let (_, alerts) = app.get("/v1/alerts").await;
+    let kinds: Vec<&str> = alerts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"payment_failed") && kinds.contains(&"customer_suspended"),
+        "{kinds:?}"
+    );
+    // A working card is tried at once; once paid, the customer is active again.
+    let good2 = card(&ls, "4242424242424242").await;
+    let (st, _) = app
+        .post(
+            "/v1/customers/bad/payment-methods",
+            &json!({"payment_method": good2}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    eventually(app, &format!("/v1/invoices/{bad_id}"), |v| {
+        v["status"] == "paid"
+    })
+    .await;
+    eventually(app, "/v1/customers/bad", |v| v["status"] == "active").await;
+    let out = python(
+        &gw,
+        &bad_key,
+        "chat",
+        json!({"model": "flat", "max_tokens": 5}),
+    )
+    .await;
+    assert!(out.get("response").is_some(), "{out}");
+    // A wallet top-up goes the same way: charged, confirmed by webhook, credited once.
+    let (st, _) = app
+        .post(
+            "/v1/customers",
+            &json!({"id": "pre", "name": "Prepaid", "billing_mode": "prepaid"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, _) = app
+        .post(
+            "/v1/customers/pre/payment-methods",
+            &json!({"payment_method": card(&ls, "4242424242424242").await}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, p) = app
+        .post(
+            "/v1/customers/pre/wallet/top-ups",
+            &json!({"amount": "25.00"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{p}");
+    eventually(app, "/v1/customers/pre/wallet", |w| w["balance"] == "25").await;
+    // Webhooks: a bad signature, a stale one, a repeated event id change nothing.
+    let payload = json!({"id": "evt_test_1", "type": "payment_intent.succeeded",
+        "data": {"object": {"id": "pi_x", "metadata": {"fatura_payment_id": p["id"]}}}})
+    .to_string();
+    let post_hook = |sig: String, body: String| {
+        let client = app.client.clone();
+        let url = app.url("/v1/webhooks/stripe");
+        async move {
+            let r = client
+                .post(url)
+                .header("Stripe-Signature", sig)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let st = r.status();
+            (st, r.json::<Value>().await.unwrap())
+        }
+    };
+    let now = chrono::Utc::now().timestamp();
+    let (st, _) = post_hook(sign("whsec_wrong", now, &payload), payload.clone()).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, _) = post_hook(sign(WEBHOOK_SECRET, now - 301, &payload), payload.clone()).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, body) = post_hook(sign(WEBHOOK_SECRET, now, &payload), payload.clone()).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (st, body) = post_hook(sign(WEBHOOK_SECRET, now, &payload), payload.clone()).await;
+    assert_eq!(
+        (st, body["result"].clone()),
+        (StatusCode::OK, json!("duplicate"))
+    );
+    let (_, w) = app.get("/v1/customers/pre/wallet").await;
+    assert_eq!(
+        w["balance"], "25",
+        "a replayed confirmation credits nothing more"
+    );
 }

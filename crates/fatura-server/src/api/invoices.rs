@@ -69,6 +69,8 @@ pub struct InvoiceOut {
     pub payment_attempts: i64,
     /// Last collection failure.
     pub last_payment_error: Option<String>,
+    /// The processor's reference of the payment that paid it (PaymentIntent id).
+    pub payment_reference: Option<String>,
     /// The breakdown: sections (per plan version; `adjustment` sections bill late usage of
     /// earlier periods) with lines per model, quantities, unit prices, discounts, floor
     /// adjustments; tiers; credits; minimum. Upstream cost (`cost_usd`) only for operators.
@@ -106,6 +108,7 @@ fn invoice_out(inv: InvoiceRecord, operator: bool) -> Result<InvoiceOut, ApiErro
         voided_at: inv.voided_at,
         payment_attempts: inv.payment_attempts,
         last_payment_error: inv.last_payment_error,
+        payment_reference: inv.payment_reference,
         document,
     })
 }

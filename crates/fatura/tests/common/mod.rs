@@ -68,6 +68,18 @@ impl TestApp {
         backend: Backend,
         gateway: Option<fatura_server::gateway::GatewayConfig>,
     ) -> TestApp {
+        Self::start_full(backend, gateway, None).await
+    }
+
+    /// Starts the app with the gateway and payment collection configured.
+    pub async fn start_full(
+        backend: Backend,
+        gateway: Option<fatura_server::gateway::GatewayConfig>,
+        payments: Option<(
+            Arc<dyn fatura_server::payments::PaymentProcessor>,
+            fatura_server::payments::CollectionPolicy,
+        )>,
+    ) -> TestApp {
         // Server logs go to the test's output (shown for failing tests); RUST_LOG filters.
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
@@ -99,6 +111,9 @@ impl TestApp {
         store.migrate().await.unwrap();
         let fatura = Arc::new(Fatura::new(store, MarginRate::default_floor()));
         let mut state = AppState::new(fatura.clone(), ADMIN_KEY);
+        if let Some((processor, policy)) = payments {
+            state = state.with_payments(processor, policy);
+        }
         let mut writer = None;
         if let Some(mut gw) = gateway {
             if !gw.spill_path.starts_with('/') {
