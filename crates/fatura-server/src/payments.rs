@@ -564,10 +564,48 @@ impl Collector {
     /// Collects what is due on every open invoice, retrying failed ones after the policy's
     /// wait; suspends customers after too many failures.
     pub async fn collect_due(&self, now: DateTime<Utc>) -> ServiceResult<()> {
+        self.auto_top_ups(now).await?;
         let open = self.fatura.invoices(None, Some("open")).await?;
         for inv in open.into_iter().filter(|i| i.kind == "invoice") {
             if let Err(e) = self.collect_invoice(&inv, now, false).await {
                 tracing::warn!(invoice = %inv.id, error = %e, "collection failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Tops up prepaid wallets under their threshold (one top-up in flight at a time) and
+    /// raises a low-balance alert.
+    async fn auto_top_ups(&self, now: DateTime<Utc>) -> ServiceResult<()> {
+        let store = self.fatura.store();
+        for c in store.list_customers().await? {
+            let Some((threshold, amount)) = c.auto_top_up else {
+                continue;
+            };
+            let balance = self.wallets.view(&c.id).await?.available();
+            if balance >= threshold {
+                continue;
+            }
+            let pending = store
+                .list_payments(&c.id, None)
+                .await?
+                .iter()
+                .any(|p| p.kind == "top_up" && p.status == "pending");
+            self.fatura
+                .alert(
+                    "low_balance",
+                    "warning",
+                    Some(&c.id),
+                    &c.id,
+                    format!(
+                        "customer {}: balance {} {} is under its top-up threshold {}",
+                        c.id, balance, c.currency, threshold
+                    ),
+                    now,
+                )
+                .await;
+            if !pending && c.payment_method_id.is_some() {
+                self.top_up(&c.id, amount, now).await?;
             }
         }
         Ok(())

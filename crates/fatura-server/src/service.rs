@@ -374,10 +374,40 @@ impl Fatura {
             status: "active".into(),
             status_reason: None,
             payment_method_id: None,
+            auto_top_up: None,
             created_at: now,
         };
         self.store.create_customer(&customer).await?;
         Ok(customer)
+    }
+
+    /// Sets or clears a prepaid customer's automatic top-up: when its balance drops under
+    /// `threshold`, `amount` is charged to its saved payment method.
+    pub async fn set_auto_top_up(
+        &self,
+        id: &str,
+        rule: Option<(Decimal, Decimal)>,
+    ) -> ServiceResult<Customer> {
+        let c = self.customer(id).await?;
+        if let Some((threshold, amount)) = rule {
+            if !c.prepaid {
+                return Err(ServiceError::Invalid(
+                    "auto_top_up: for prepaid customers".into(),
+                ));
+            }
+            let minor = c.currency.minor_units();
+            let ok = |d: Decimal, min: Decimal| {
+                d >= min && d.normalize().scale() <= minor && d <= Decimal::from(1_000_000)
+            };
+            if !ok(threshold, Decimal::ZERO) || !ok(amount, Decimal::new(1, minor)) {
+                return Err(ServiceError::Invalid(format!(
+                    "auto_top_up: threshold and amount are amounts in {} (amount positive) with at most {minor} decimal places",
+                    c.currency
+                )));
+            }
+        }
+        self.store.set_auto_top_up(id, rule).await?;
+        self.customer(id).await
     }
 
     /// Changes a customer's billing settings.

@@ -85,6 +85,9 @@ pub struct Customer {
     pub status_reason: Option<String>,
     /// The saved payment method collections are charged to.
     pub payment_method_id: Option<String>,
+    /// Prepaid: `(threshold, amount)` — when the balance drops under the threshold, the
+    /// amount is charged.
+    pub auto_top_up: Option<(Decimal, Decimal)>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
 }
@@ -610,6 +613,12 @@ pub trait Store: Send + Sync + 'static {
         customer_id: Option<&str>,
         status: Option<&str>,
     ) -> StoreResult<Vec<InvoiceRecord>>;
+    /// Sets (or clears) a customer's automatic top-up `(threshold, amount)`.
+    async fn set_auto_top_up(
+        &self,
+        id: &str,
+        rule: Option<(Decimal, Decimal)>,
+    ) -> StoreResult<bool>;
     /// Records the customer's saved payment method (and its processor customer id).
     async fn set_payment_method(&self, id: &str, payment_method: &str) -> StoreResult<bool>;
     /// Inserts a payment attempt; false if its id exists.

@@ -74,6 +74,13 @@ fn customer_from_row(r: &PgRow) -> StoreResult<Customer> {
         status: r.try_get("status")?,
         status_reason: r.try_get("status_reason")?,
         payment_method_id: r.try_get("payment_method_id")?,
+        auto_top_up: match (
+            r.try_get::<Option<Decimal>, _>("auto_top_up_threshold")?,
+            r.try_get::<Option<Decimal>, _>("auto_top_up_amount")?,
+        ) {
+            (Some(t), Some(a)) => Some((t, a)),
+            _ => None,
+        },
         created_at: from_micros(r.try_get("created_at_us")?)?,
     })
 }
@@ -1177,6 +1184,22 @@ impl Store for PgStore {
         tx.commit().await?;
         row.as_ref().map(invoice_from_row).transpose()
     }
+    async fn set_auto_top_up(
+        &self,
+        id: &str,
+        rule: Option<(Decimal, Decimal)>,
+    ) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "UPDATE customers SET auto_top_up_threshold = $1, auto_top_up_amount = $2 WHERE id = $3",
+        )
+        .bind(rule.map(|r| r.0))
+        .bind(rule.map(|r| r.1))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     async fn set_payment_method(&self, id: &str, payment_method: &str) -> StoreResult<bool> {
         let res = sqlx::query("UPDATE customers SET payment_method_id = $1 WHERE id = $2")
             .bind(payment_method)

@@ -84,6 +84,13 @@ fn customer_from_row(r: &SqliteRow) -> StoreResult<Customer> {
         status: r.try_get("status")?,
         status_reason: r.try_get("status_reason")?,
         payment_method_id: r.try_get("payment_method_id")?,
+        auto_top_up: match (
+            opt_dec(r.try_get("auto_top_up_threshold")?)?,
+            opt_dec(r.try_get("auto_top_up_amount")?)?,
+        ) {
+            (Some(t), Some(a)) => Some((t, a)),
+            _ => None,
+        },
         created_at: from_micros(r.try_get("created_at_us")?)?,
     })
 }
@@ -1190,6 +1197,22 @@ impl Store for SqliteStore {
         tx.commit().await?;
         row.as_ref().map(invoice_from_row).transpose()
     }
+    async fn set_auto_top_up(
+        &self,
+        id: &str,
+        rule: Option<(Decimal, Decimal)>,
+    ) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "UPDATE customers SET auto_top_up_threshold = ?, auto_top_up_amount = ? WHERE id = ?",
+        )
+        .bind(rule.map(|r| r.0.to_string()))
+        .bind(rule.map(|r| r.1.to_string()))
+        .bind(id)
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     async fn set_payment_method(&self, id: &str, payment_method: &str) -> StoreResult<bool> {
         let res = sqlx::query("UPDATE customers SET payment_method_id = ? WHERE id = ?")
             .bind(payment_method)

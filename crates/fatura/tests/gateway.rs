@@ -1211,11 +1211,16 @@ async fn reservations_charges_and_model_prices_follow_the_customers_plan(backend
 }
 
 /// A `localstripe` process (the Stripe fake from PyPI) on a free loopback port, killed on
-/// drop.
+/// drop. localstripe keeps its state in one fixed file (`/tmp/localstripe.pickle`), so two
+/// at once would corrupt each other: tests using it hold `LOCALSTRIPE` and start it from
+/// scratch.
 struct LocalStripe {
     child: std::process::Child,
     base: String,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
+
+static LOCALSTRIPE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Drop for LocalStripe {
     fn drop(&mut self) {
@@ -1225,15 +1230,17 @@ impl Drop for LocalStripe {
 }
 
 async fn localstripe() -> LocalStripe {
+    let turn = LOCALSTRIPE.lock().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let child = std::process::Command::new("localstripe")
-        .args(["--port", &port.to_string()])
+    let log = std::env::temp_dir().join(format!("localstripe-{port}.log"));
+    let mut child = std::process::Command::new("localstripe")
+        .args(["--port", &port.to_string(), "--from-scratch"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("localstripe is installed (scripts/test installs it)");
     let base = format!("http://127.0.0.1:{port}");
@@ -1249,10 +1256,24 @@ async fn localstripe() -> LocalStripe {
         {
             break;
         }
-        assert!(Instant::now() < deadline, "localstripe did not start");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "localstripe exited ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "localstripe did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    LocalStripe { child, base }
+    LocalStripe {
+        child,
+        base,
+        _turn: turn,
+    }
 }
 
 const STRIPE_KEY: &str = "sk_test_fatura";
@@ -1407,6 +1428,19 @@ async fn invoices_are_collected_through_stripe_end_to_end(backend: Backend) {
     assert_eq!(intent["currency"], "usd");
     assert_eq!(intent["status"], "succeeded");
     assert_eq!(intent["metadata"]["fatura_invoice_id"], id);
+    // A credit note on a paid invoice refunds the money through the same payment.
+    let (st, cn) = app
+        .post(
+            &format!("/v1/invoices/{id}/credit-notes"),
+            &json!({"amount": "0.40", "reason": "service credit"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{cn}");
+    let intent = stripe_get(&ls, &format!("/v1/payment_intents/{pi}")).await;
+    assert_eq!(
+        intent["charges"]["data"][0]["amount_refunded"], 40,
+        "{intent}"
+    );
     // The declining card: attempt 1 failed at finalisation; a second run retries; after 2
     // failures the customer is suspended and the gateway answers 402 with the reason.
     let bad_inv = r["finalized"]
@@ -1500,6 +1534,33 @@ async fn invoices_are_collected_through_stripe_end_to_end(backend: Backend) {
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{p}");
     eventually(app, "/v1/customers/pre/wallet", |w| w["balance"] == "25").await;
+    // Automatic top-up: under a 30.00 threshold, 20.00 is charged on the next run, once.
+    let (st, c) = app
+        .patch(
+            "/v1/customers/pre",
+            &json!({"auto_top_up_threshold": "30.00", "auto_top_up_amount": "20.00"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{c}");
+    assert_eq!(c["auto_top_up_amount"], "20.00");
+    for _ in 0..2 {
+        let (st, _) = app
+            .post(&format!("/v1/billing/run?at={at}"), &json!({}))
+            .await;
+        assert_eq!(st, StatusCode::OK);
+    }
+    eventually(app, "/v1/customers/pre/wallet", |w| w["balance"] == "45").await;
+    let (st, _) = app
+        .patch(
+            "/v1/customers/acme",
+            &json!({"auto_top_up_threshold": "1", "auto_top_up_amount": "5"}),
+        )
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "postpaid customers have no wallet to top up"
+    );
     // Webhooks: a bad signature, a stale one, a repeated event id change nothing.
     let payload = json!({"id": "evt_test_1", "type": "payment_intent.succeeded",
         "data": {"object": {"id": "pi_x", "metadata": {"fatura_payment_id": p["id"]}}}})
@@ -1534,7 +1595,18 @@ async fn invoices_are_collected_through_stripe_end_to_end(backend: Backend) {
     );
     let (_, w) = app.get("/v1/customers/pre/wallet").await;
     assert_eq!(
-        w["balance"], "25",
+        w["balance"], "45",
         "a replayed confirmation credits nothing more"
     );
+    let (_, alerts) = app.get("/v1/alerts").await;
+    for kind in ["invoice_finalized", "low_balance"] {
+        assert!(
+            alerts["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["kind"] == kind),
+            "{kind}: {alerts}"
+        );
+    }
 }

@@ -45,6 +45,12 @@ pub struct CustomerOut {
     pub status: String,
     /// Why suspended.
     pub status_reason: Option<String>,
+    /// The saved payment method (`pm_…`), if any.
+    pub payment_method_id: Option<String>,
+    /// Prepaid: top up when the balance drops under this.
+    pub auto_top_up_threshold: Option<String>,
+    /// Prepaid: the amount of an automatic top-up.
+    pub auto_top_up_amount: Option<String>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
 }
@@ -65,6 +71,9 @@ impl From<Customer> for CustomerOut {
             locale: c.billing.locale,
             status: c.status,
             status_reason: c.status_reason,
+            payment_method_id: c.payment_method_id,
+            auto_top_up_threshold: c.auto_top_up.map(|r| r.0.to_string()),
+            auto_top_up_amount: c.auto_top_up.map(|r| r.1.to_string()),
             created_at: c.created_at,
         }
     }
@@ -161,6 +170,13 @@ pub struct UpdateCustomer {
     pub tax_rate: Option<Option<String>>,
     /// Invoice language: `en` (default) or `pt-BR`.
     pub locale: Option<String>,
+    /// Prepaid: top up automatically when the balance drops under this amount (decimal
+    /// string; with `auto_top_up_amount`; null clears both).
+    #[serde(default, deserialize_with = "present")]
+    pub auto_top_up_threshold: Option<Option<String>>,
+    /// Prepaid: the amount charged by an automatic top-up.
+    #[serde(default, deserialize_with = "present")]
+    pub auto_top_up_amount: Option<Option<String>>,
 }
 
 /// Fills in the plan in force now.
@@ -382,10 +398,49 @@ pub async fn update_customer(
             .await
             .map_err(service_error)?;
     }
+    let auto_top_up = match (&req.auto_top_up_threshold, &req.auto_top_up_amount) {
+        (None, None) => None,
+        (Some(None), Some(None)) | (Some(None), None) | (None, Some(None)) => Some(None),
+        (Some(Some(t)), Some(Some(a))) => {
+            let parse = |v: &str| {
+                Decimal::from_str(v.trim()).map_err(|_| {
+                    ApiError::unprocessable(
+                        "invalid_request",
+                        "auto_top_up: threshold and amount must be decimal strings",
+                        Vec::new(),
+                    )
+                })
+            };
+            Some(Some((parse(t)?, parse(a)?)))
+        }
+        _ => {
+            return Err(ApiError::unprocessable(
+                "invalid_request",
+                "auto_top_up: give both auto_top_up_threshold and auto_top_up_amount (or null to clear)",
+                Vec::new(),
+            ));
+        }
+    };
+    if let Some(Some((t, a))) = auto_top_up {
+        // Checked before anything is written (prepaid only, amounts).
+        if !customer.prepaid || t.is_sign_negative() || a <= Decimal::ZERO {
+            return Err(service_error(crate::service::ServiceError::Invalid(
+                "auto_top_up: for prepaid customers, with a threshold ≥ 0 and a positive amount"
+                    .into(),
+            )));
+        }
+    }
     if settings_changed {
         customer = state
             .fatura
             .set_billing_settings(&id, &settings)
+            .await
+            .map_err(service_error)?;
+    }
+    if let Some(rule) = auto_top_up {
+        customer = state
+            .fatura
+            .set_auto_top_up(&id, rule)
             .await
             .map_err(service_error)?;
     }

@@ -512,7 +512,25 @@ impl Fatura {
                 .finalize_invoice(&record, &format!("FAT-{}", now.year()), rebate.as_ref())
                 .await
             {
-                Ok(Some(inv)) => return Ok(Some(inv)),
+                Ok(Some(inv)) => {
+                    self.alert(
+                        "invoice_finalized",
+                        "info",
+                        Some(&inv.customer_id),
+                        &inv.id,
+                        format!(
+                            "invoice {} for {}: {} {} due {}",
+                            inv.number.clone().unwrap_or_default(),
+                            inv.customer_id,
+                            inv.amount_due,
+                            inv.currency,
+                            inv.due_at.map(|d| d.to_rfc3339()).unwrap_or_default()
+                        ),
+                        now,
+                    )
+                    .await;
+                    return Ok(Some(inv));
+                }
                 Ok(None) => continue,
                 Err(fatura_store::StoreError::Conflict(_)) => return Ok(None),
                 Err(e) => return Err(e.into()),

@@ -2,6 +2,10 @@
 -- return it (a refund) is a row whose id is the idempotency key sent to the processor, so a
 -- retried push reuses it. Webhook event ids are remembered so a repeat is ignored.
 ALTER TABLE customers ADD COLUMN payment_method_id TEXT;
+-- Prepaid wallets topped up automatically: when the balance drops under the threshold, the
+-- amount is charged to the saved payment method.
+ALTER TABLE customers ADD COLUMN auto_top_up_threshold NUMERIC;
+ALTER TABLE customers ADD COLUMN auto_top_up_amount NUMERIC;
 
 CREATE TABLE payments (
     id            TEXT PRIMARY KEY,
