@@ -376,6 +376,42 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        // 4. Closing the cycle: one billing run after the grace period drafts and finalises
+        //    an invoice per customer (rating each twice, linking every event, numbering).
+        let t = Instant::now();
+        let report = fatura
+            .run_billing(
+                to + chrono::Duration::hours(2),
+                fatura_server::service::BillingPolicy::default(),
+            )
+            .await?;
+        let close = t.elapsed();
+        let invoiced_events: i64 = report.finalized.iter().map(|i| i.events).sum();
+        println!(
+            "| close cycles: {} invoices drafted + finalised, {} events linked | {:.0} | {:.3} | {:.2} |",
+            report.finalized.len(),
+            invoiced_events,
+            rate(total_events, close),
+            close.as_secs_f64(),
+            rate(total_events, close) / base_rate
+        );
+        if report.finalized.len() != args.customers
+            || usize::try_from(invoiced_events).unwrap_or(0) != total_events
+        {
+            bail!(
+                "closing billed {invoiced_events} events in {} invoices",
+                report.finalized.len()
+            );
+        }
+        let again = fatura
+            .run_billing(
+                to + chrono::Duration::hours(3),
+                fatura_server::service::BillingPolicy::default(),
+            )
+            .await?;
+        if again.drafted != 0 || !again.finalized.is_empty() {
+            bail!("a second run billed again");
+        }
     }
     let invoiced: Decimal = engine_totals.iter().sum();
     println!(
