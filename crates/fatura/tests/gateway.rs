@@ -23,6 +23,7 @@ on_both_backends!(
     shutdown_drains_every_pending_event,
     prepaid_calls_settle_to_their_price_and_get_402_when_short,
     reservations_charges_and_model_prices_follow_the_customers_plan,
+    prepaid_usage_is_invoiced_as_paid_from_the_wallet_with_the_volume_discount_credited_back,
     invoices_are_collected_through_stripe_end_to_end,
     concurrent_calls_cannot_overspend_a_prepaid_balance,
     wallet_credits_are_validated_and_wallets_isolated,
@@ -1609,4 +1610,81 @@ async fn invoices_are_collected_through_stripe_end_to_end(backend: Backend) {
             "{kind}: {alerts}"
         );
     }
+}
+
+async fn prepaid_usage_is_invoiced_as_paid_from_the_wallet_with_the_volume_discount_credited_back(
+    backend: Backend,
+) {
+    let s = setup(backend, MockConfig::default(), "").await;
+    let key = prepaid_customer(&s.app, "pre", "1.00").await;
+    // "flat" at 0.02 per completion token (list), 25% off beyond 0.10 of spend (graduated).
+    // The floor is 0.0013 / 0.13 = 0.01 per token: the discount stays above it.
+    let (st, body) = s
+        .app
+        .post(
+            "/v1/plans",
+            &json!({"id": "tiered", "name": "Tiered", "currency": "USD", "kind": "list",
+                    "list_prices": [{"pattern": "flat", "prompt": "0", "completion": "20000"}],
+                    "tiers": {"metric": "spend", "mode": "graduated", "tiers": [
+                        {"up_to": "0.10", "discount": "0"}, {"up_to": null, "discount": "0.25"}]},
+                    "effective_from": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let (st, _) = s
+        .app
+        .patch(
+            "/v1/customers/pre",
+            &json!({"plan_id": "tiered", "plan_effective_from": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    // Four calls of 10 tokens: each charged 10 × 0.02 = 0.20 to the wallet (no discount is
+    // known per call): 0.80 in all, 0.20 left.
+    for _ in 0..4 {
+        let out = python(
+            &s.app.url("/v1"),
+            &key,
+            "chat",
+            json!({"model": "flat", "max_tokens": 10, "mock": {"completion_tokens": 10}}),
+        )
+        .await;
+        assert!(out.get("response").is_some(), "{out}");
+    }
+    usage_when(&s.app, 4, "").await;
+    assert_eq!(wallet(&s.app, "pre").await["balance"], "0.2");
+    // The cycle's rating: 0.10 at full price + 0.70 at 25% off (0.525) = 0.625 → 0.62
+    // (half-even). The wallet paid 0.80: 0.62 applied, 0.18 credited back; nothing is due.
+    let (_, end) = fatura_core::billing::CycleSpec::default().cycle_containing(chrono::Utc::now());
+    let at = (end + chrono::Duration::hours(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (st, r) = s
+        .app
+        .post(&format!("/v1/billing/run?at={at}"), &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    let inv = r["finalized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["customer_id"] == "pre")
+        .unwrap()
+        .clone();
+    assert_eq!(inv["total"], "0.62", "{inv}");
+    assert_eq!(inv["prepaid_applied"], "0.62");
+    assert_eq!(inv["prepaid_excess"], "0.18");
+    assert_eq!(inv["amount_due"], "0.00");
+    assert_eq!(inv["status"], "paid", "nothing to collect");
+    assert_eq!(wallet(&s.app, "pre").await["balance"], "0.38");
+    let w = wallet(&s.app, "pre").await;
+    let stored = fatura_server::wallet::stored_balance(
+        s.app.fatura.store().as_ref(),
+        "pre",
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        w["balance"].as_str().unwrap(),
+        stored.normalize().to_string()
+    );
 }

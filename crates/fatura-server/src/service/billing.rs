@@ -505,7 +505,9 @@ impl Fatura {
                 currency: customer.currency,
                 event_id: None,
                 expires_at: None,
-                created_at: now,
+                // A run may be dated ahead (`fatura invoices run --at`); a credit dated in
+                // the future would not count in the wallet until then.
+                created_at: now.min(Utc::now()),
             });
             match self
                 .store
@@ -513,6 +515,15 @@ impl Fatura {
                 .await
             {
                 Ok(Some(inv)) => {
+                    // Nothing to collect (zero usage, or paid from the wallet): paid now.
+                    let inv = if inv.amount_due.is_zero() {
+                        self.store
+                            .record_payment(&inv.id, None, Some(now), None)
+                            .await?
+                            .unwrap_or(inv)
+                    } else {
+                        inv
+                    };
                     self.alert(
                         "invoice_finalized",
                         "info",
