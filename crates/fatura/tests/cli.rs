@@ -54,6 +54,8 @@ fn every_command_has_help() {
         vec!["plans", "assign", "--help"],
         vec!["fx-rates", "set", "--help"],
         vec!["fx-rates", "list", "--help"],
+        vec!["invoices", "run", "--help"],
+        vec!["invoices", "list", "--help"],
     ] {
         let o = fatura(dir.path(), &args);
         assert!(o.status.success(), "{args:?}");
@@ -499,4 +501,26 @@ fn plans_and_rates_are_managed_from_the_cli() {
     assert!(!o.status.success());
     let o = fatura(d, &["fx-rates", "list"]);
     assert_eq!(stdout(&o), "BRL\t2026-11-01\t5.4321");
+    // Billing on demand: acme (created now, no usage) gets a zero invoice for each closed
+    // cycle, paid at once; a second run changes nothing.
+    let o = fatura(d, &["invoices", "run", "--at", "2027-01-01T02:00:00Z"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).ends_with("invoices finalised"), "{}", stdout(&o));
+    let first = stdout(&o);
+    let o = fatura(d, &["invoices", "run", "--at", "2027-01-01T02:00:00Z"]);
+    assert_eq!(
+        stdout(&o),
+        "0 drafts created, 0 drafts refreshed, 0 invoices finalised",
+        "{first}"
+    );
+    let o = fatura(d, &["invoices", "list", "--customer", "acme"]);
+    let lines: Vec<String> = stdout(&o).lines().map(String::from).collect();
+    assert!(!lines.is_empty());
+    assert!(
+        lines.iter().all(|l| l.contains("\tpaid\tacme\t")),
+        "{lines:?}"
+    );
+    let o = fatura(d, &["invoices", "run", "--at", "soon"]);
+    assert!(!o.status.success());
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
