@@ -16,6 +16,7 @@ pub mod ids;
 pub mod import;
 pub mod money;
 pub mod rating;
+pub mod rollup;
 pub mod usage;
 pub mod wallet;
 

@@ -644,6 +644,21 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<PaymentRecord>>;
     /// Remembers a webhook event id; false if it was seen before.
     async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool>;
+    /// Rollup rows of `grain` with `from <= bucket < to`, optionally of one customer.
+    async fn query_rollups(
+        &self,
+        grain: fatura_core::rollup::Grain,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+    ) -> StoreResult<
+        Vec<(
+            fatura_core::rollup::RollupKey,
+            fatura_core::rollup::RollupTotals,
+        )>,
+    >;
+    /// Recounts every rollup row from the raw events (for checks and backfills).
+    async fn recount_rollups(&self) -> StoreResult<fatura_core::rollup::RollupDelta>;
     /// Records a collection attempt's outcome: `paid_at` set → paid; else the failure.
     async fn record_payment(
         &self,
@@ -695,3 +710,43 @@ pub(crate) fn parse_terms(json: &str) -> StoreResult<PlanTerms> {
 
 /// Rows per multi-row INSERT statement (20 binds each, well under both databases' limits).
 pub(crate) const INSERT_CHUNK: usize = 500;
+
+/// The `agent` tag of an event's stored tags (JSON object text).
+pub(crate) fn agent_of(tags_json: &str) -> Option<String> {
+    serde_json::from_str::<std::collections::BTreeMap<String, String>>(tags_json)
+        .ok()
+        .and_then(|m| m.get("agent").cloned())
+}
+
+/// The rollup delta of newly inserted events.
+pub(crate) fn delta_of_inserted(
+    events: &[PreparedEvent],
+    inserted: &HashSet<String>,
+) -> fatura_core::rollup::RollupDelta {
+    let mut delta = fatura_core::rollup::RollupDelta::new();
+    for p in events
+        .iter()
+        .filter(|p| inserted.contains(p.event.id.as_str()))
+    {
+        let e = &p.event;
+        let t = fatura_core::rollup::RollupTotals::of_event(
+            &e.usage,
+            p.pricing.as_ref().map(|x| (x.cost, x.revenue)),
+        );
+        fatura_core::rollup::add_event(
+            &mut delta,
+            e.customer_id.as_str(),
+            &e.provider,
+            &e.model,
+            e.tags.get("agent").map(String::as_str),
+            e.timestamp,
+            &t,
+        );
+    }
+    delta
+}
+
+pub(crate) fn grain_of(s: &str) -> StoreResult<fatura_core::rollup::Grain> {
+    fatura_core::rollup::Grain::parse(s)
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("bad grain {s:?} in database")))
+}

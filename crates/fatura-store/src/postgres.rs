@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fatura_core::catalog::{PriceComponents, PriceVersion, UnitPrice};
+use fatura_core::rollup::{Grain, RollupDelta, RollupKey, RollupTotals, add_event};
 use fatura_core::usage::{UsageAggregator, UsageRecord};
 use fatura_core::{Currency, TokenUsage};
 use futures_util::TryStreamExt;
@@ -159,6 +160,24 @@ impl Store for PgStore {
 
     async fn migrate(&self) -> StoreResult<()> {
         MIGRATOR.run(&self.pool).await?;
+        // Events recorded before rollups existed: count them once (under the catalog lock,
+        // so two instances migrating at once do not both backfill).
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CATALOG_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let rollups: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollups")
+            .fetch_one(&mut *tx)
+            .await?;
+        let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_events")
+            .fetch_one(&mut *tx)
+            .await?;
+        if rollups == 0 && events > 0 {
+            let delta = self.recount_rollups().await?;
+            apply_rollups(&mut tx, &delta).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -510,6 +529,7 @@ impl Store for PgStore {
             qb.push(") AS v");
             qb.build().execute(&mut *tx).await?;
         }
+        apply_rollups(&mut tx, &crate::delta_of_inserted(events, &inserted)).await?;
         tx.commit().await?;
         let unpriced = events
             .iter()
@@ -636,18 +656,38 @@ impl Store for PgStore {
             return Err(StoreError::CatalogChanged);
         }
         let mut priced = 0;
+        let mut delta = RollupDelta::new();
         for (id, p) in pricing {
-            let res = sqlx::query(
-                "UPDATE usage_events SET price_version_id = $1, cost = $2, revenue = $3 WHERE id = $4 AND cost IS NULL",
+            let row = sqlx::query(
+                "UPDATE usage_events SET price_version_id = $1, cost = $2, revenue = $3 WHERE id = $4 AND cost IS NULL \
+                 RETURNING customer_id, ts_us, provider, model, tags::text AS tags",
             )
             .bind(p.price_version_id)
             .bind(p.cost)
             .bind(p.revenue)
             .bind(id)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-            priced += res.rows_affected();
+            if let Some(r) = row {
+                let (customer, provider, model, tags): (String, String, String, String) = (
+                    r.try_get("customer_id")?,
+                    r.try_get("provider")?,
+                    r.try_get("model")?,
+                    r.try_get("tags")?,
+                );
+                add_event(
+                    &mut delta,
+                    &customer,
+                    &provider,
+                    &model,
+                    crate::agent_of(&tags).as_deref(),
+                    from_micros(r.try_get("ts_us")?)?,
+                    &RollupTotals::of_pricing(p.cost, p.revenue),
+                );
+                priced += 1;
+            }
         }
+        apply_rollups(&mut tx, &delta).await?;
         tx.commit().await?;
         Ok(priced)
     }
@@ -1145,6 +1185,61 @@ impl Store for PgStore {
         .collect()
     }
 
+    async fn query_rollups(
+        &self,
+        grain: Grain,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+    ) -> StoreResult<Vec<(RollupKey, RollupTotals)>> {
+        let mut rows = sqlx::query(
+            "SELECT * FROM rollups WHERE grain = $1 AND bucket_us >= $2 AND bucket_us < $3 \
+             AND ($4::text IS NULL OR customer_id = $4)",
+        )
+        .bind(grain.as_str())
+        .bind(micros(from))
+        .bind(micros(to))
+        .bind(customer_id)
+        .fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(r) = rows.try_next().await? {
+            out.push(rollup_from_row(&r)?);
+        }
+        Ok(out)
+    }
+
+    async fn recount_rollups(&self) -> StoreResult<RollupDelta> {
+        let mut rows = sqlx::query(
+            "SELECT customer_id, ts_us, provider, model, tags::text AS tags, input_tokens, output_tokens, cached_input_tokens, \
+             cache_write_tokens, reasoning_tokens, requests, cost, revenue FROM usage_events",
+        )
+        .fetch(&self.pool);
+        let mut delta = RollupDelta::new();
+        while let Some(r) = rows.try_next().await? {
+            let tags: String = r.try_get("tags")?;
+            let pricing = match (
+                r.try_get::<Option<Decimal>, _>("cost")?,
+                r.try_get::<Option<Decimal>, _>("revenue")?,
+            ) {
+                (Some(c), Some(v)) => Some((c, v)),
+                _ => None,
+            };
+            let customer: String = r.try_get("customer_id")?;
+            let provider: String = r.try_get("provider")?;
+            let model: String = r.try_get("model")?;
+            add_event(
+                &mut delta,
+                &customer,
+                &provider,
+                &model,
+                crate::agent_of(&tags).as_deref(),
+                from_micros(r.try_get("ts_us")?)?,
+                &RollupTotals::of_event(&usage_from_row(&r)?, pricing),
+            );
+        }
+        Ok(delta)
+    }
+
     async fn record_payment(
         &self,
         id: &str,
@@ -1475,4 +1570,73 @@ fn usage_from_row(r: &PgRow) -> StoreResult<TokenUsage> {
 fn minor_scale(mut d: Decimal, currency: Currency) -> Decimal {
     d.rescale(currency.minor_units());
     d
+}
+
+fn rollup_from_row(r: &PgRow) -> StoreResult<(RollupKey, RollupTotals)> {
+    let grain: String = r.try_get("grain")?;
+    Ok((
+        RollupKey {
+            grain: crate::grain_of(&grain)?,
+            bucket: from_micros(r.try_get("bucket_us")?)?,
+            customer_id: r.try_get("customer_id")?,
+            provider: r.try_get("provider")?,
+            model: r.try_get("model")?,
+            agent: r.try_get("agent")?,
+        },
+        RollupTotals {
+            events: r.try_get("events")?,
+            requests: r.try_get("requests")?,
+            input_tokens: r.try_get("input_tokens")?,
+            output_tokens: r.try_get("output_tokens")?,
+            cached_input_tokens: r.try_get("cached_input_tokens")?,
+            cache_write_tokens: r.try_get("cache_write_tokens")?,
+            reasoning_tokens: r.try_get("reasoning_tokens")?,
+            unpriced_events: r.try_get("unpriced_events")?,
+            cost: r.try_get::<Decimal, _>("cost")?.normalize(),
+            revenue: r.try_get::<Decimal, _>("revenue")?.normalize(),
+        },
+    ))
+}
+
+/// Adds `delta` to the rollup rows, exactly (NUMERIC arithmetic in the upsert).
+async fn apply_rollups(tx: &mut sqlx::PgConnection, delta: &RollupDelta) -> StoreResult<()> {
+    let rows: Vec<(&RollupKey, &RollupTotals)> = delta.iter().collect();
+    for chunk in rows.chunks(INSERT_CHUNK / 2) {
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "INSERT INTO rollups (grain, bucket_us, customer_id, provider, model, agent, events, requests, \
+             input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, unpriced_events, \
+             cost, revenue) ",
+        );
+        qb.push_values(chunk, |mut b, (k, t)| {
+            b.push_bind(k.grain.as_str())
+                .push_bind(micros(k.bucket))
+                .push_bind(&k.customer_id)
+                .push_bind(&k.provider)
+                .push_bind(&k.model)
+                .push_bind(&k.agent)
+                .push_bind(t.events)
+                .push_bind(t.requests)
+                .push_bind(t.input_tokens)
+                .push_bind(t.output_tokens)
+                .push_bind(t.cached_input_tokens)
+                .push_bind(t.cache_write_tokens)
+                .push_bind(t.reasoning_tokens)
+                .push_bind(t.unpriced_events)
+                .push_bind(t.cost)
+                .push_bind(t.revenue);
+        });
+        qb.push(
+            " ON CONFLICT (grain, bucket_us, customer_id, provider, model, agent) DO UPDATE SET \
+             events = rollups.events + excluded.events, requests = rollups.requests + excluded.requests, \
+             input_tokens = rollups.input_tokens + excluded.input_tokens, \
+             output_tokens = rollups.output_tokens + excluded.output_tokens, \
+             cached_input_tokens = rollups.cached_input_tokens + excluded.cached_input_tokens, \
+             cache_write_tokens = rollups.cache_write_tokens + excluded.cache_write_tokens, \
+             reasoning_tokens = rollups.reasoning_tokens + excluded.reasoning_tokens, \
+             unpriced_events = rollups.unpriced_events + excluded.unpriced_events, \
+             cost = rollups.cost + excluded.cost, revenue = rollups.revenue + excluded.revenue",
+        );
+        qb.build().execute(&mut *tx).await?;
+    }
+    Ok(())
 }

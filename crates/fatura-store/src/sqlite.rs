@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fatura_core::catalog::{PriceComponents, PriceVersion, UnitPrice};
+use fatura_core::rollup::{Grain, RollupDelta, RollupKey, RollupTotals, add_event};
 use fatura_core::usage::{UsageAggregator, UsageRecord};
 use fatura_core::{Currency, TokenUsage};
 use futures_util::TryStreamExt;
@@ -177,6 +178,16 @@ impl Store for SqliteStore {
 
     async fn migrate(&self) -> StoreResult<()> {
         MIGRATOR.run(&self.write).await?;
+        // Events recorded before rollups existed: count them once.
+        let rollups: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollups")
+            .fetch_one(&self.write)
+            .await?;
+        if rollups == 0 && self.count_events().await? > 0 {
+            let delta = self.recount_rollups().await?;
+            let mut tx = self.write.begin().await?;
+            apply_rollups(&mut tx, &delta).await?;
+            tx.commit().await?;
+        }
         Ok(())
     }
 
@@ -522,6 +533,7 @@ impl Store for SqliteStore {
             qb.push(") AS v");
             qb.build().execute(&mut *tx).await?;
         }
+        apply_rollups(&mut tx, &crate::delta_of_inserted(events, &inserted)).await?;
         tx.commit().await?;
         let unpriced = events
             .iter()
@@ -648,6 +660,7 @@ impl Store for SqliteStore {
             return Err(StoreError::CatalogChanged);
         }
         let mut priced = 0;
+        let mut delta = RollupDelta::new();
         for (id, p) in pricing {
             let res = sqlx::query(
                 "UPDATE usage_events SET price_version_id = ?, cost = ?, revenue = ? WHERE id = ? AND cost IS NULL",
@@ -658,8 +671,32 @@ impl Store for SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+            if res.rows_affected() == 1 {
+                let r = sqlx::query(
+                    "SELECT customer_id, ts_us, provider, model, tags FROM usage_events WHERE id = ?",
+                )
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+                let (customer, provider, model, tags): (String, String, String, String) = (
+                    r.try_get("customer_id")?,
+                    r.try_get("provider")?,
+                    r.try_get("model")?,
+                    r.try_get("tags")?,
+                );
+                add_event(
+                    &mut delta,
+                    &customer,
+                    &provider,
+                    &model,
+                    crate::agent_of(&tags).as_deref(),
+                    from_micros(r.try_get("ts_us")?)?,
+                    &RollupTotals::of_pricing(p.cost, p.revenue),
+                );
+            }
             priced += res.rows_affected();
         }
+        apply_rollups(&mut tx, &delta).await?;
         tx.commit().await?;
         Ok(priced)
     }
@@ -1158,6 +1195,62 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn query_rollups(
+        &self,
+        grain: Grain,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+    ) -> StoreResult<Vec<(RollupKey, RollupTotals)>> {
+        let mut rows = sqlx::query(
+            "SELECT * FROM rollups WHERE grain = ? AND bucket_us >= ? AND bucket_us < ? \
+             AND (? IS NULL OR customer_id = ?)",
+        )
+        .bind(grain.as_str())
+        .bind(micros(from))
+        .bind(micros(to))
+        .bind(customer_id)
+        .bind(customer_id)
+        .fetch(&self.read);
+        let mut out = Vec::new();
+        while let Some(r) = rows.try_next().await? {
+            out.push(rollup_from_row(&r)?);
+        }
+        Ok(out)
+    }
+
+    async fn recount_rollups(&self) -> StoreResult<RollupDelta> {
+        let mut rows = sqlx::query(
+            "SELECT customer_id, ts_us, provider, model, tags, input_tokens, output_tokens, cached_input_tokens, \
+             cache_write_tokens, reasoning_tokens, requests, cost, revenue FROM usage_events",
+        )
+        .fetch(&self.read);
+        let mut delta = RollupDelta::new();
+        while let Some(r) = rows.try_next().await? {
+            let tags: String = r.try_get("tags")?;
+            let pricing = match (
+                opt_dec(r.try_get("cost")?)?,
+                opt_dec(r.try_get("revenue")?)?,
+            ) {
+                (Some(c), Some(v)) => Some((c, v)),
+                _ => None,
+            };
+            let customer: String = r.try_get("customer_id")?;
+            let provider: String = r.try_get("provider")?;
+            let model: String = r.try_get("model")?;
+            add_event(
+                &mut delta,
+                &customer,
+                &provider,
+                &model,
+                crate::agent_of(&tags).as_deref(),
+                from_micros(r.try_get("ts_us")?)?,
+                &RollupTotals::of_event(&usage_from_row(&r)?, pricing),
+            );
+        }
+        Ok(delta)
+    }
+
     async fn record_payment(
         &self,
         id: &str,
@@ -1485,4 +1578,77 @@ fn usage_from_row(r: &SqliteRow) -> StoreResult<TokenUsage> {
         count(r.try_get("requests")?)?,
     )
     .map_err(|e| StoreError::Internal(anyhow::anyhow!("stored event is invalid: {e}")))
+}
+
+fn rollup_from_row(r: &SqliteRow) -> StoreResult<(RollupKey, RollupTotals)> {
+    let grain: String = r.try_get("grain")?;
+    Ok((
+        RollupKey {
+            grain: crate::grain_of(&grain)?,
+            bucket: from_micros(r.try_get("bucket_us")?)?,
+            customer_id: r.try_get("customer_id")?,
+            provider: r.try_get("provider")?,
+            model: r.try_get("model")?,
+            agent: r.try_get("agent")?,
+        },
+        RollupTotals {
+            events: r.try_get("events")?,
+            requests: r.try_get("requests")?,
+            input_tokens: r.try_get("input_tokens")?,
+            output_tokens: r.try_get("output_tokens")?,
+            cached_input_tokens: r.try_get("cached_input_tokens")?,
+            cache_write_tokens: r.try_get("cache_write_tokens")?,
+            reasoning_tokens: r.try_get("reasoning_tokens")?,
+            unpriced_events: r.try_get("unpriced_events")?,
+            cost: dec(r.try_get("cost")?)?,
+            revenue: dec(r.try_get("revenue")?)?,
+        },
+    ))
+}
+
+/// Adds `delta` to the rollup rows (read, add exactly in Rust, write back).
+async fn apply_rollups(tx: &mut sqlx::SqliteConnection, delta: &RollupDelta) -> StoreResult<()> {
+    for (k, d) in delta {
+        let existing = sqlx::query(
+            "SELECT * FROM rollups WHERE grain = ? AND bucket_us = ? AND customer_id = ? AND provider = ? \
+             AND model = ? AND agent = ?",
+        )
+        .bind(k.grain.as_str())
+        .bind(micros(k.bucket))
+        .bind(&k.customer_id)
+        .bind(&k.provider)
+        .bind(&k.model)
+        .bind(&k.agent)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut t = match existing {
+            Some(r) => rollup_from_row(&r)?.1,
+            None => RollupTotals::default(),
+        };
+        t.add(d);
+        sqlx::query(
+            "INSERT OR REPLACE INTO rollups (grain, bucket_us, customer_id, provider, model, agent, events, requests, \
+             input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, unpriced_events, \
+             cost, revenue) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(k.grain.as_str())
+        .bind(micros(k.bucket))
+        .bind(&k.customer_id)
+        .bind(&k.provider)
+        .bind(&k.model)
+        .bind(&k.agent)
+        .bind(t.events)
+        .bind(t.requests)
+        .bind(t.input_tokens)
+        .bind(t.output_tokens)
+        .bind(t.cached_input_tokens)
+        .bind(t.cache_write_tokens)
+        .bind(t.reasoning_tokens)
+        .bind(t.unpriced_events)
+        .bind(t.cost.normalize().to_string())
+        .bind(t.revenue.normalize().to_string())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }

@@ -1,0 +1,23 @@
+-- Rollups: usage and money per bucket (minute, hour, day; UTC) x customer x provider x
+-- model x agent tag, maintained in the transaction that writes (or prices) the events.
+-- Decimals are TEXT and are added in Rust (SQLite would add them as floats).
+CREATE TABLE rollups (
+    grain               TEXT NOT NULL CHECK (grain IN ('minute', 'hour', 'day')),
+    bucket_us           INTEGER NOT NULL,
+    customer_id         TEXT NOT NULL,
+    provider            TEXT NOT NULL,
+    model               TEXT NOT NULL,
+    agent               TEXT NOT NULL,
+    events              INTEGER NOT NULL,
+    requests            INTEGER NOT NULL,
+    input_tokens        INTEGER NOT NULL,
+    output_tokens       INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    cache_write_tokens  INTEGER NOT NULL,
+    reasoning_tokens    INTEGER NOT NULL,
+    unpriced_events     INTEGER NOT NULL,
+    cost                TEXT NOT NULL,
+    revenue             TEXT NOT NULL,
+    PRIMARY KEY (grain, bucket_us, customer_id, provider, model, agent)
+);
+CREATE INDEX rollups_customer ON rollups(grain, customer_id, bucket_us);
