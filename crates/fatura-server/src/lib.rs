@@ -146,6 +146,8 @@ impl AppState {
         api::invoices::stripe_webhook,
         api::invoices::save_payment_method,
         api::invoices::top_up,
+        api::analytics::timeseries,
+        api::analytics::summary,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -266,6 +268,8 @@ pub fn router(state: AppState) -> Router {
             post(api::invoices::create_credit_note),
         )
         .route("/v1/billing/run", post(api::invoices::run_billing))
+        .route("/v1/analytics/timeseries", get(api::analytics::timeseries))
+        .route("/v1/analytics/summary", get(api::analytics::summary))
         .route("/v1/webhooks/stripe", post(api::invoices::stripe_webhook))
         .route(
             "/v1/customers/{id}/payment-methods",

@@ -60,6 +60,7 @@ impl From<StoreError> for ServiceError {
 /// Result alias.
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
+pub mod analytics;
 mod billing;
 mod pricing;
 

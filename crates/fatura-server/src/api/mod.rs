@@ -1,5 +1,6 @@
 //! HTTP handlers. Each is thin: parse, authorise, call the service, shape the answer.
 
+pub mod analytics;
 pub mod customers;
 pub mod events;
 pub mod invoices;

@@ -1,0 +1,244 @@
+//! Analytics over rollups: time series and summaries. Customer keys see only their own
+//! customer and never cost or margin.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use chrono::{DateTime, Utc};
+use fatura_core::rollup::{Grain, RollupTotals};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::events::service_error;
+use super::prices::instant;
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::service::analytics::{Dimension, Metric, margin};
+
+fn invalid(m: impl Into<String>) -> ApiError {
+    ApiError::unprocessable("invalid_request", m, Vec::new())
+}
+
+fn range(from: Option<&str>, to: Option<&str>) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let from = instant("from", from)?.ok_or_else(|| invalid("from: required (RFC 3339)"))?;
+    let to = instant("to", to)?.ok_or_else(|| invalid("to: required (RFC 3339)"))?;
+    Ok((from, to))
+}
+
+/// Query of `GET /v1/analytics/timeseries`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TimeseriesQuery {
+    /// `revenue`, `cost`, `margin`, `requests` or `tokens` (cost and margin: operators only).
+    pub metric: String,
+    /// `minute`, `hour` or `day` (UTC buckets).
+    pub grain: String,
+    /// RFC 3339, a bucket start.
+    pub from: Option<String>,
+    /// RFC 3339, a bucket start (exclusive).
+    pub to: Option<String>,
+    /// `customer`, `model`, `provider` or `agent`.
+    pub group_by: Option<String>,
+    /// Only this customer (a customer key: only its own).
+    pub customer_id: Option<String>,
+}
+
+/// One point.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PointOut {
+    /// Bucket start.
+    pub bucket: DateTime<Utc>,
+    /// Group value, with `group_by`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The metric, a decimal string (money in USD).
+    pub value: String,
+}
+
+/// A time series.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TimeseriesOut {
+    /// Metric.
+    pub metric: String,
+    /// Grain.
+    pub grain: String,
+    /// Points by bucket then group; buckets without usage are absent.
+    pub points: Vec<PointOut>,
+}
+
+/// A time series of revenue, cost, margin, requests or tokens from the rollups.
+#[utoipa::path(get, path = "/v1/analytics/timeseries", tag = "analytics", params(TimeseriesQuery),
+    responses((status = 200, body = TimeseriesOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn timeseries(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<TimeseriesQuery>, QueryRejection>,
+) -> Result<ApiJson<TimeseriesOut>, ApiError> {
+    let Query(q) = query?;
+    let metric = Metric::parse(&q.metric)
+        .ok_or_else(|| invalid("metric: revenue, cost, margin, requests or tokens"))?;
+    let grain = Grain::parse(&q.grain).ok_or_else(|| invalid("grain: minute, hour or day"))?;
+    let group_by = q
+        .group_by
+        .as_deref()
+        .map(|g| {
+            Dimension::parse(g)
+                .ok_or_else(|| invalid("group_by: customer, model, provider or agent"))
+        })
+        .transpose()?;
+    let customer = caller.scope_customer(q.customer_id)?;
+    if metric.operator_only() && !matches!(caller, Caller::Admin) {
+        return Err(ApiError::forbidden("cost and margin are for operators"));
+    }
+    let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
+    let points = state
+        .fatura
+        .timeseries(metric, grain, from, to, group_by, customer.as_deref())
+        .await
+        .map_err(service_error)?;
+    Ok(ApiJson(TimeseriesOut {
+        metric: q.metric,
+        grain: q.grain,
+        points: points
+            .into_iter()
+            .map(|p| PointOut {
+                bucket: p.bucket,
+                group: p.group,
+                value: p.value.to_string(),
+            })
+            .collect(),
+    }))
+}
+
+/// Query of `GET /v1/analytics/summary`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct SummaryQuery {
+    /// RFC 3339, whole minute.
+    pub from: Option<String>,
+    /// RFC 3339, whole minute (exclusive).
+    pub to: Option<String>,
+    /// Only this customer (a customer key: only its own).
+    pub customer_id: Option<String>,
+}
+
+/// A ranked group.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RankedOut {
+    /// Model, provider, customer or agent.
+    pub name: String,
+    /// Revenue, USD.
+    pub revenue: String,
+    /// Cost, USD (operators only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<String>,
+    /// Gross margin (operators only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub margin: Option<String>,
+    /// Requests.
+    pub requests: i64,
+    /// Input + output tokens.
+    pub tokens: i64,
+}
+
+/// Totals of a period and the top groups.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SummaryOut {
+    /// Period start.
+    pub from: DateTime<Utc>,
+    /// Period end.
+    pub to: DateTime<Utc>,
+    /// Revenue (provisional, per event), USD.
+    pub revenue: String,
+    /// Upstream cost, USD (operators only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<String>,
+    /// Gross margin (operators only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gross_margin: Option<String>,
+    /// The margin target (the default floor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub margin_target: Option<String>,
+    /// Events.
+    pub events: i64,
+    /// Requests.
+    pub requests: i64,
+    /// Input + output tokens.
+    pub tokens: i64,
+    /// Events without a price yet.
+    pub unpriced_events: i64,
+    /// Top 5 by revenue.
+    pub top_models: Vec<RankedOut>,
+    /// Top 5 by revenue.
+    pub top_providers: Vec<RankedOut>,
+    /// Top 5 by revenue (operators only; a customer sees itself).
+    pub top_customers: Vec<RankedOut>,
+    /// Top 5 agents (`agent` tag) by revenue.
+    pub top_agents: Vec<RankedOut>,
+}
+
+fn ranked(name: String, t: &RollupTotals, operator: bool) -> RankedOut {
+    RankedOut {
+        name,
+        revenue: t.revenue.normalize().to_string(),
+        cost: operator.then(|| t.cost.normalize().to_string()),
+        margin: if operator {
+            margin(t).map(|m| m.to_string())
+        } else {
+            None
+        },
+        requests: t.requests,
+        tokens: t.tokens(),
+    }
+}
+
+/// Totals of a period (revenue, cost, gross margin against the target, usage) and the top
+/// models, providers, customers and agents, from the rollups.
+#[utoipa::path(get, path = "/v1/analytics/summary", tag = "analytics", params(SummaryQuery),
+    responses((status = 200, body = SummaryOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn summary(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<SummaryQuery>, QueryRejection>,
+) -> Result<ApiJson<SummaryOut>, ApiError> {
+    let Query(q) = query?;
+    let customer = caller.scope_customer(q.customer_id)?;
+    let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
+    let s = state
+        .fatura
+        .summary(from, to, customer.as_deref())
+        .await
+        .map_err(service_error)?;
+    let operator = matches!(caller, Caller::Admin);
+    let [models, providers, customers, agents] = s.top;
+    let list = |v: Vec<crate::service::analytics::Ranked>| {
+        v.into_iter()
+            .map(|r| ranked(r.name, &r.totals, operator))
+            .collect::<Vec<_>>()
+    };
+    let t = s.totals;
+    Ok(ApiJson(SummaryOut {
+        from,
+        to,
+        revenue: t.revenue.normalize().to_string(),
+        cost: operator.then(|| t.cost.normalize().to_string()),
+        gross_margin: if operator {
+            margin(&t).map(|m| m.to_string())
+        } else {
+            None
+        },
+        margin_target: operator.then(|| state.fatura.margin().value().to_string()),
+        events: t.events,
+        requests: t.requests,
+        tokens: t.tokens(),
+        unpriced_events: t.unpriced_events,
+        top_models: list(models.1),
+        top_providers: list(providers.1),
+        top_customers: list(customers.1),
+        top_agents: list(agents.1),
+    }))
+}

@@ -1,0 +1,245 @@
+//! Analytics over the rollups: time series and summaries. Every answer is a sum of rollup
+//! rows of one grain whose buckets tile the asked range exactly, so it equals a recount of
+//! the raw events without reading them.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use fatura_core::rollup::{Grain, RollupKey, RollupTotals};
+use rust_decimal::Decimal;
+
+use super::{Fatura, ServiceError, ServiceResult};
+
+/// What a time series measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Provisional revenue, USD.
+    Revenue,
+    /// Upstream cost, USD.
+    Cost,
+    /// Gross margin (revenue − cost) / revenue.
+    Margin,
+    /// Requests.
+    Requests,
+    /// Input + output tokens.
+    Tokens,
+}
+
+impl Metric {
+    /// Parses a metric name.
+    pub fn parse(s: &str) -> Option<Metric> {
+        Some(match s {
+            "revenue" => Metric::Revenue,
+            "cost" => Metric::Cost,
+            "margin" => Metric::Margin,
+            "requests" => Metric::Requests,
+            "tokens" => Metric::Tokens,
+            _ => return None,
+        })
+    }
+
+    /// Whether only operators may see it.
+    pub fn operator_only(self) -> bool {
+        matches!(self, Metric::Cost | Metric::Margin)
+    }
+
+    fn value(self, t: &RollupTotals) -> Option<Decimal> {
+        Some(match self {
+            Metric::Revenue => t.revenue.normalize(),
+            Metric::Cost => t.cost.normalize(),
+            Metric::Margin => margin(t)?,
+            Metric::Requests => Decimal::from(t.requests),
+            Metric::Tokens => Decimal::from(t.tokens()),
+        })
+    }
+}
+
+/// Gross margin of totals, 6 decimals; `None` without revenue.
+pub fn margin(t: &RollupTotals) -> Option<Decimal> {
+    (!t.revenue.is_zero()).then(|| ((t.revenue - t.cost) / t.revenue).round_dp(6).normalize())
+}
+
+/// A dimension to group by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dimension {
+    /// Customer.
+    Customer,
+    /// Model.
+    Model,
+    /// Provider.
+    Provider,
+    /// The `agent` tag.
+    Agent,
+}
+
+impl Dimension {
+    /// Parses a dimension name.
+    pub fn parse(s: &str) -> Option<Dimension> {
+        Some(match s {
+            "customer" => Dimension::Customer,
+            "model" => Dimension::Model,
+            "provider" => Dimension::Provider,
+            "agent" => Dimension::Agent,
+            _ => return None,
+        })
+    }
+
+    fn of(self, k: &RollupKey) -> &str {
+        match self {
+            Dimension::Customer => &k.customer_id,
+            Dimension::Model => &k.model,
+            Dimension::Provider => &k.provider,
+            Dimension::Agent => &k.agent,
+        }
+    }
+}
+
+/// One point of a time series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Point {
+    /// Bucket start.
+    pub bucket: DateTime<Utc>,
+    /// Group value (with `group_by`).
+    pub group: Option<String>,
+    /// The metric.
+    pub value: Decimal,
+}
+
+/// A ranked group in a summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ranked {
+    /// Group value.
+    pub name: String,
+    /// Totals.
+    pub totals: RollupTotals,
+}
+
+/// A summary of a period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Totals.
+    pub totals: RollupTotals,
+    /// Top models, providers, customers and agents by revenue (5 each).
+    pub top: [(Dimension, Vec<Ranked>); 4],
+}
+
+/// Most buckets one time series may span.
+pub const MAX_BUCKETS: i64 = 10_000;
+
+fn check_range(grain: Grain, from: DateTime<Utc>, to: DateTime<Utc>) -> ServiceResult<()> {
+    if from >= to {
+        return Err(ServiceError::Invalid("from: must be before to".into()));
+    }
+    if !grain.aligned(from) || !grain.aligned(to) {
+        return Err(ServiceError::Invalid(format!(
+            "from, to: must be whole {}s (UTC) for grain={}",
+            grain.as_str(),
+            grain.as_str()
+        )));
+    }
+    let buckets = (to - from).num_seconds() / grain.span().num_seconds();
+    if buckets > MAX_BUCKETS {
+        return Err(ServiceError::Invalid(format!(
+            "to: at most {MAX_BUCKETS} buckets per series ({buckets} asked); use a coarser grain"
+        )));
+    }
+    Ok(())
+}
+
+impl Fatura {
+    /// A time series of `metric` at `grain` over `[from, to)`, optionally grouped and for
+    /// one customer. Buckets without usage are absent.
+    pub async fn timeseries(
+        &self,
+        metric: Metric,
+        grain: Grain,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        group_by: Option<Dimension>,
+        customer_id: Option<&str>,
+    ) -> ServiceResult<Vec<Point>> {
+        check_range(grain, from, to)?;
+        let rows = self
+            .store
+            .query_rollups(grain, from, to, customer_id)
+            .await?;
+        let mut sums: BTreeMap<(DateTime<Utc>, Option<String>), RollupTotals> = BTreeMap::new();
+        for (k, t) in &rows {
+            let group = group_by.map(|d| d.of(k).to_string());
+            sums.entry((k.bucket, group)).or_default().add(t);
+        }
+        Ok(sums
+            .into_iter()
+            .filter_map(|((bucket, group), t)| {
+                metric.value(&t).map(|value| Point {
+                    bucket,
+                    group,
+                    value,
+                })
+            })
+            .collect())
+    }
+
+    /// Totals of `[from, to)` (which must be whole minutes) and the top groups.
+    pub async fn summary(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+    ) -> ServiceResult<Summary> {
+        if from >= to {
+            return Err(ServiceError::Invalid("from: must be before to".into()));
+        }
+        let grain = Grain::coarsest_aligned(from, to)
+            .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
+        let rows = self
+            .store
+            .query_rollups(grain, from, to, customer_id)
+            .await?;
+        let mut totals = RollupTotals::default();
+        let dims = [
+            Dimension::Model,
+            Dimension::Provider,
+            Dimension::Customer,
+            Dimension::Agent,
+        ];
+        let mut by: [BTreeMap<String, RollupTotals>; 4] = Default::default();
+        for (k, t) in &rows {
+            totals.add(t);
+            for (i, d) in dims.iter().enumerate() {
+                let name = d.of(k);
+                if *d == Dimension::Agent && name.is_empty() {
+                    continue;
+                }
+                by[i].entry(name.to_string()).or_default().add(t);
+            }
+        }
+        let rank = |m: &BTreeMap<String, RollupTotals>| {
+            let mut v: Vec<Ranked> = m
+                .iter()
+                .map(|(name, totals)| Ranked {
+                    name: name.clone(),
+                    totals: *totals,
+                })
+                .collect();
+            v.sort_by(|a, b| {
+                b.totals
+                    .revenue
+                    .cmp(&a.totals.revenue)
+                    .then(b.totals.requests.cmp(&a.totals.requests))
+                    .then(a.name.cmp(&b.name))
+            });
+            v.truncate(5);
+            v
+        };
+        Ok(Summary {
+            totals,
+            top: [
+                (dims[0], rank(&by[0])),
+                (dims[1], rank(&by[1])),
+                (dims[2], rank(&by[2])),
+                (dims[3], rank(&by[3])),
+            ],
+        })
+    }
+}
