@@ -148,6 +148,8 @@ impl AppState {
         api::invoices::top_up,
         api::analytics::timeseries,
         api::analytics::summary,
+        api::analytics::post_outcomes,
+        api::analytics::roi,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -270,6 +272,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/billing/run", post(api::invoices::run_billing))
         .route("/v1/analytics/timeseries", get(api::analytics::timeseries))
         .route("/v1/analytics/summary", get(api::analytics::summary))
+        .route("/v1/analytics/roi", get(api::analytics::roi))
+        .route("/v1/outcomes", post(api::analytics::post_outcomes))
         .route("/v1/webhooks/stripe", post(api::invoices::stripe_webhook))
         .route(
             "/v1/customers/{id}/payment-methods",

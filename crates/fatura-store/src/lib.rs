@@ -345,6 +345,31 @@ pub struct PaymentRecord {
     pub updated_at: DateTime<Utc>,
 }
 
+/// An outcome: value an agent generated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeRecord {
+    /// Id (idempotency key).
+    pub id: String,
+    /// Hash of the content (a replay with other content is a conflict).
+    pub content_hash: String,
+    /// Customer.
+    pub customer_id: String,
+    /// When.
+    pub timestamp: DateTime<Utc>,
+    /// The `agent` tag (empty when absent).
+    pub agent: String,
+    /// Kind (`conversion`, …).
+    pub kind: String,
+    /// Value.
+    pub value: Decimal,
+    /// Currency of the value.
+    pub currency: Currency,
+    /// All tags, JSON.
+    pub tags: String,
+    /// Recorded.
+    pub created_at: DateTime<Utc>,
+}
+
 /// A plan version: the plan's name and terms from `effective_from` on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanVersionRecord {
@@ -659,6 +684,16 @@ pub trait Store: Send + Sync + 'static {
     >;
     /// Recounts every rollup row from the raw events (for checks and backfills).
     async fn recount_rollups(&self) -> StoreResult<fatura_core::rollup::RollupDelta>;
+    /// Records outcomes atomically; returns (accepted, duplicates). An id stored with other
+    /// content fails the whole call with `EventConflict`.
+    async fn insert_outcomes(&self, outcomes: &[OutcomeRecord]) -> StoreResult<(u64, u64)>;
+    /// Outcomes with `from <= timestamp < to`, optionally of one customer.
+    async fn query_outcomes(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+    ) -> StoreResult<Vec<OutcomeRecord>>;
     /// Records a collection attempt's outcome: `paid_at` set → paid; else the failure.
     async fn record_payment(
         &self,

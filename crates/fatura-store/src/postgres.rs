@@ -23,10 +23,10 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::{
     AlertRecord, ApiKeyRecord, BillingSettings, Customer, EventPricing, FxRate, INSERT_CHUNK,
-    InsertOutcome, InvoiceRecord, PaymentRecord, PlanAssignment, PlanVersionRecord, PreparedEvent,
-    PriceImport, PricingChange, PricingData, Store, StoreError, StoreResult, StoredEvent,
-    UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count, from_micros, micros,
-    parse_terms, terms_json,
+    InsertOutcome, InvoiceRecord, OutcomeRecord, PaymentRecord, PlanAssignment, PlanVersionRecord,
+    PreparedEvent, PriceImport, PricingChange, PricingData, Store, StoreError, StoreResult,
+    StoredEvent, UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count, from_micros,
+    micros, parse_terms, terms_json,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -1238,6 +1238,78 @@ impl Store for PgStore {
             );
         }
         Ok(delta)
+    }
+
+    async fn insert_outcomes(&self, outcomes: &[OutcomeRecord]) -> StoreResult<(u64, u64)> {
+        let mut tx = self.pool.begin().await?;
+        let (mut accepted, mut duplicates) = (0, 0);
+        for o in outcomes {
+            let res = sqlx::query(
+                "INSERT INTO outcomes (id, content_hash, customer_id, ts_us, agent, kind, value, currency, tags, \
+                 created_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&o.id)
+            .bind(&o.content_hash)
+            .bind(&o.customer_id)
+            .bind(micros(o.timestamp))
+            .bind(&o.agent)
+            .bind(&o.kind)
+            .bind(o.value)
+            .bind(o.currency.code())
+            .bind(&o.tags)
+            .bind(micros(o.created_at))
+            .execute(&mut *tx)
+            .await?;
+            if res.rows_affected() == 1 {
+                accepted += 1;
+                continue;
+            }
+            let hash: String =
+                sqlx::query_scalar("SELECT content_hash FROM outcomes WHERE id = $1")
+                    .bind(&o.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if hash != o.content_hash {
+                return Err(StoreError::EventConflict { id: o.id.clone() });
+            }
+            duplicates += 1;
+        }
+        tx.commit().await?;
+        Ok((accepted, duplicates))
+    }
+
+    async fn query_outcomes(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+    ) -> StoreResult<Vec<OutcomeRecord>> {
+        sqlx::query(
+            "SELECT * FROM outcomes WHERE ts_us >= $1 AND ts_us < $2 AND ($3::text IS NULL OR customer_id = $3) ORDER BY ts_us, id",
+        )
+        .bind(micros(from))
+        .bind(micros(to))
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let currency: String = r.try_get("currency")?;
+            Ok(OutcomeRecord {
+                id: r.try_get("id")?,
+                content_hash: r.try_get("content_hash")?,
+                customer_id: r.try_get("customer_id")?,
+                timestamp: from_micros(r.try_get("ts_us")?)?,
+                agent: r.try_get("agent")?,
+                kind: r.try_get("kind")?,
+                value: r.try_get::<Decimal, _>("value")?.normalize(),
+                currency: Currency::from_str(&currency)
+                    .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
+                tags: r.try_get("tags")?,
+                created_at: from_micros(r.try_get("created_at_us")?)?,
+            })
+        })
+        .collect()
     }
 
     async fn record_payment(

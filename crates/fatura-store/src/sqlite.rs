@@ -26,10 +26,10 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use crate::{
     AlertRecord, ApiKeyRecord, BillingSettings, Customer, EventPricing, FxRate, INSERT_CHUNK,
-    InsertOutcome, InvoiceRecord, PaymentRecord, PlanAssignment, PlanVersionRecord, PreparedEvent,
-    PriceImport, PricingChange, PricingData, Store, StoreError, StoreResult, StoredEvent,
-    UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count, from_micros, micros,
-    parse_terms, terms_json,
+    InsertOutcome, InvoiceRecord, OutcomeRecord, PaymentRecord, PlanAssignment, PlanVersionRecord,
+    PreparedEvent, PriceImport, PricingChange, PricingData, Store, StoreError, StoreResult,
+    StoredEvent, UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count, from_micros,
+    micros, parse_terms, terms_json,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -1249,6 +1249,78 @@ impl Store for SqliteStore {
             );
         }
         Ok(delta)
+    }
+
+    async fn insert_outcomes(&self, outcomes: &[OutcomeRecord]) -> StoreResult<(u64, u64)> {
+        let mut tx = self.write.begin().await?;
+        let (mut accepted, mut duplicates) = (0, 0);
+        for o in outcomes {
+            let res = sqlx::query(
+                "INSERT INTO outcomes (id, content_hash, customer_id, ts_us, agent, kind, value, currency, tags, \
+                 created_at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&o.id)
+            .bind(&o.content_hash)
+            .bind(&o.customer_id)
+            .bind(micros(o.timestamp))
+            .bind(&o.agent)
+            .bind(&o.kind)
+            .bind(o.value.to_string())
+            .bind(o.currency.code())
+            .bind(&o.tags)
+            .bind(micros(o.created_at))
+            .execute(&mut *tx)
+            .await?;
+            if res.rows_affected() == 1 {
+                accepted += 1;
+                continue;
+            }
+            let hash: String = sqlx::query_scalar("SELECT content_hash FROM outcomes WHERE id = ?")
+                .bind(&o.id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if hash != o.content_hash {
+                return Err(StoreError::EventConflict { id: o.id.clone() });
+            }
+            duplicates += 1;
+        }
+        tx.commit().await?;
+        Ok((accepted, duplicates))
+    }
+
+    async fn query_outcomes(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+    ) -> StoreResult<Vec<OutcomeRecord>> {
+        sqlx::query(
+            "SELECT * FROM outcomes WHERE ts_us >= ? AND ts_us < ? AND (? IS NULL OR customer_id = ?) ORDER BY ts_us, id",
+        )
+        .bind(micros(from))
+        .bind(micros(to))
+        .bind(customer_id)
+        .bind(customer_id)
+        .fetch_all(&self.read)
+        .await?
+        .iter()
+        .map(|r| {
+            let currency: String = r.try_get("currency")?;
+            Ok(OutcomeRecord {
+                id: r.try_get("id")?,
+                content_hash: r.try_get("content_hash")?,
+                customer_id: r.try_get("customer_id")?,
+                timestamp: from_micros(r.try_get("ts_us")?)?,
+                agent: r.try_get("agent")?,
+                kind: r.try_get("kind")?,
+                value: dec(r.try_get("value")?)?,
+                currency: Currency::from_str(&currency)
+                    .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
+                tags: r.try_get("tags")?,
+                created_at: from_micros(r.try_get("created_at_us")?)?,
+            })
+        })
+        .collect()
     }
 
     async fn record_payment(

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 on_both_backends!(
     rollups_equal_a_recount_after_random_streams,
     timeseries_and_summary_by_hand,
+    outcomes_are_idempotent_and_roi_is_value_over_spend,
 );
 
 async fn catalog(app: &TestApp, from: &str, models: &[(&str, &str, &str)]) {
@@ -228,4 +229,98 @@ async fn timeseries_and_summary_by_hand(backend: Backend) {
         let (s, body) = app.get(&format!("/v1/analytics/timeseries?{q}")).await;
         assert!(s.is_client_error(), "{q}: {s} {body}");
     }
+}
+
+async fn outcomes_are_idempotent_and_roi_is_value_over_spend(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    catalog(
+        &app,
+        "2026-01-01T00:00:00Z",
+        &[("openai/gpt-4o", "0.0000025", "0.00001")],
+    )
+    .await;
+    app.customer("c1").await;
+    // Calls: cost 3.50 each, revenue 3.50 / 0.13 = 26.923076923076923077 each.
+    let call = |id: &str, agent: &str| {
+        event(
+            id,
+            "c1",
+            json!({"timestamp": "2026-11-02T10:00:00Z", "input_tokens": 1_000_000,
+                   "output_tokens": 100_000, "tags": {"agent": agent}}),
+        )
+    };
+    let (s, body) = app
+        .post(
+            "/v1/events",
+            &json!({"events": [call("a", "sdr"), call("b", "sdr"), call("c", "support")]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let outcome = |id: &str, agent: &str, value: &str, currency: &str| {
+        json!({"id": id, "customer_id": "c1", "timestamp": "2026-11-03T00:00:00Z",
+               "tags": {"agent": agent}, "value": value, "currency": currency, "kind": "conversion"})
+    };
+    let batch = json!({"outcomes": [
+        outcome("o1", "sdr", "100.00", "USD"),
+        outcome("o2", "sdr", "500", "BRL"),
+        outcome("o3", "support", "50", "USD"),
+    ]});
+    let (s, r) = app.post("/v1/outcomes", &batch).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(
+        (r["accepted"].clone(), r["duplicates"].clone()),
+        (json!(3), json!(0))
+    );
+    let (s, r) = app.post("/v1/outcomes", &batch).await;
+    assert_eq!(
+        (s, r["duplicates"].clone()),
+        (StatusCode::OK, json!(3)),
+        "{r}"
+    );
+    let (s, _) = app
+        .post(
+            "/v1/outcomes",
+            &json!({"outcomes": [outcome("o1", "sdr", "101", "USD")]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "same id, other content");
+    for bad in [
+        outcome("o9", "sdr", "-1", "USD"),
+        outcome("o9", "sdr", "abc", "USD"),
+        outcome("o9", "sdr", "1", "XYZ"),
+        json!({"id": "o9", "customer_id": "nobody", "timestamp": "2026-11-03T00:00:00Z", "value": "1", "currency": "USD", "kind": "x"}),
+    ] {
+        let (s, body) = app
+            .post("/v1/outcomes", &json!({"outcomes": [bad.clone()]}))
+            .await;
+        assert!(s.is_client_error(), "{bad}: {body}");
+    }
+    let q = "/v1/analytics/roi?group_by=agent&from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z";
+    // The BRL outcome needs a rate.
+    let (s, body) = app.get(q).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    let (s, _) = app
+        .post(
+            "/v1/fx-rates",
+            &json!({"currency": "BRL", "date": "2026-11-01", "rate": "5"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, roi) = app.get(q).await;
+    assert_eq!(s, StatusCode::OK, "{roi}");
+    // sdr: value 100 + 500 / 5 = 200; spend 2 × 26.923076923076923077 = 53.846153846153846154;
+    // ROI 200 / 53.846… = 3.7143; cost per outcome 26.923077.
+    let sdr = &roi["data"][0];
+    assert_eq!(sdr["name"], "sdr", "{roi}");
+    assert_eq!(sdr["outcomes"], 2);
+    assert_eq!(sdr["value"], "200");
+    assert_eq!(sdr["spend"], "53.846153846153846154");
+    assert_eq!(sdr["roi"], "3.7143");
+    assert_eq!(sdr["cost_per_outcome"], "26.923077");
+    // support: 50 / 26.923076923076923077 = 1.8571.
+    assert_eq!(roi["data"][1]["roi"], "1.8571");
+    let (s, _) = app
+        .get("/v1/analytics/roi?group_by=model&from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z")
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
 }

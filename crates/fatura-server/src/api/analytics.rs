@@ -242,3 +242,164 @@ pub async fn summary(
         top_agents: list(agents.1),
     }))
 }
+
+/// An outcome: value an agent generated.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeBody {
+    /// Idempotency key (1–128 of `[A-Za-z0-9-_.:/@]`).
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// RFC 3339.
+    pub timestamp: String,
+    /// Tags, e.g. `{"agent": "sdr-bot"}`.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Value, decimal string.
+    pub value: String,
+    /// `USD`, `BRL` or `EUR`.
+    pub currency: String,
+    /// e.g. `conversion`.
+    pub kind: String,
+}
+
+/// A batch of outcomes.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeBatch {
+    /// Up to 10,000 outcomes.
+    pub outcomes: Vec<OutcomeBody>,
+}
+
+/// What a batch did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OutcomesOut {
+    /// New outcomes.
+    pub accepted: u64,
+    /// Replays of recorded outcomes.
+    pub duplicates: u64,
+}
+
+/// Records outcomes (idempotent by id, all or nothing).
+#[utoipa::path(post, path = "/v1/outcomes", tag = "analytics", request_body = OutcomeBatch,
+    responses((status = 200, body = OutcomesOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn post_outcomes(
+    State(state): State<AppState>,
+    _admin: crate::auth::Admin,
+    ApiJson(batch): ApiJson<OutcomeBatch>,
+) -> Result<ApiJson<OutcomesOut>, ApiError> {
+    if batch.outcomes.is_empty() || batch.outcomes.len() > 10_000 {
+        return Err(invalid("outcomes: 1 to 10000"));
+    }
+    let mut inputs = Vec::with_capacity(batch.outcomes.len());
+    for (i, o) in batch.outcomes.into_iter().enumerate() {
+        let timestamp = instant(&format!("outcomes[{i}].timestamp"), Some(&o.timestamp))?
+            .ok_or_else(|| invalid("timestamp: required"))?;
+        let value = o
+            .value
+            .trim()
+            .parse()
+            .map_err(|_| invalid(format!("outcomes[{i}].value: a decimal string")))?;
+        let currency = o
+            .currency
+            .parse()
+            .map_err(|e| invalid(format!("outcomes[{i}].currency: {e}")))?;
+        inputs.push(crate::service::analytics::OutcomeInput {
+            id: o.id,
+            customer_id: o.customer_id,
+            timestamp,
+            tags: o.tags,
+            value,
+            currency,
+            kind: o.kind,
+        });
+    }
+    let (accepted, duplicates) = state
+        .fatura
+        .record_outcomes(inputs, Utc::now())
+        .await
+        .map_err(service_error)?;
+    Ok(ApiJson(OutcomesOut {
+        accepted,
+        duplicates,
+    }))
+}
+
+/// Query of `GET /v1/analytics/roi`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RoiQuery {
+    /// `agent` or `customer`.
+    pub group_by: String,
+    /// RFC 3339, whole minute.
+    pub from: Option<String>,
+    /// RFC 3339, whole minute (exclusive).
+    pub to: Option<String>,
+    /// Only this customer (a customer key: only its own).
+    pub customer_id: Option<String>,
+}
+
+/// ROI of one group.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RoiOut {
+    /// Agent or customer.
+    pub name: String,
+    /// Outcomes.
+    pub outcomes: i64,
+    /// Their value, USD.
+    pub value: String,
+    /// AI spend, USD.
+    pub spend: String,
+    /// value / spend.
+    pub roi: Option<String>,
+    /// spend / outcomes.
+    pub cost_per_outcome: Option<String>,
+}
+
+/// ROI list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RoiList {
+    /// By name.
+    pub data: Vec<RoiOut>,
+}
+
+/// Value generated against AI spend, per agent or customer.
+#[utoipa::path(get, path = "/v1/analytics/roi", tag = "analytics", params(RoiQuery),
+    responses((status = 200, body = RoiList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn roi(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<RoiQuery>, QueryRejection>,
+) -> Result<ApiJson<RoiList>, ApiError> {
+    let Query(q) = query?;
+    let group_by = match q.group_by.as_str() {
+        "agent" => Dimension::Agent,
+        "customer" => Dimension::Customer,
+        _ => return Err(invalid("group_by: agent or customer")),
+    };
+    let customer = caller.scope_customer(q.customer_id)?;
+    let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
+    let rows = state
+        .fatura
+        .roi(group_by, from, to, customer.as_deref())
+        .await
+        .map_err(service_error)?;
+    Ok(ApiJson(RoiList {
+        data: rows
+            .into_iter()
+            .map(|r| RoiOut {
+                name: r.name,
+                outcomes: r.outcomes,
+                value: r.value.to_string(),
+                spend: r.spend.to_string(),
+                roi: r.roi.map(|d| d.to_string()),
+                cost_per_outcome: r.cost_per_outcome.map(|d| d.to_string()),
+            })
+            .collect(),
+    }))
+}

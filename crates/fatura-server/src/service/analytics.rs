@@ -243,3 +243,172 @@ impl Fatura {
         })
     }
 }
+
+/// An outcome to record.
+#[derive(Debug, Clone)]
+pub struct OutcomeInput {
+    /// Id (idempotency key).
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// When.
+    pub timestamp: DateTime<Utc>,
+    /// Tags (`agent`, …).
+    pub tags: BTreeMap<String, String>,
+    /// Value.
+    pub value: Decimal,
+    /// Currency of the value.
+    pub currency: fatura_core::Currency,
+    /// Kind (`conversion`, …).
+    pub kind: String,
+}
+
+/// ROI of one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoiRow {
+    /// Agent or customer.
+    pub name: String,
+    /// Outcomes.
+    pub outcomes: i64,
+    /// Their value, USD.
+    pub value: Decimal,
+    /// AI spend (revenue billed for the usage), USD.
+    pub spend: Decimal,
+    /// value / spend (`None` without spend).
+    pub roi: Option<Decimal>,
+    /// spend / outcomes (`None` without outcomes).
+    pub cost_per_outcome: Option<Decimal>,
+}
+
+impl Fatura {
+    /// Records outcomes atomically (all or nothing); replays with identical content are
+    /// duplicates, other content under a used id a conflict. Returns (accepted, duplicates).
+    pub async fn record_outcomes(
+        &self,
+        outcomes: Vec<OutcomeInput>,
+        now: DateTime<Utc>,
+    ) -> ServiceResult<(u64, u64)> {
+        use sha2::{Digest, Sha256};
+        let mut ids: Vec<String> = outcomes.iter().map(|o| o.customer_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        let known = self.store.existing_customer_ids(&ids).await?;
+        let mut records = Vec::with_capacity(outcomes.len());
+        for (i, o) in outcomes.into_iter().enumerate() {
+            let bad = |m: String| ServiceError::Invalid(format!("outcomes[{i}].{m}"));
+            fatura_core::EventId::parse(&o.id).map_err(|e| bad(format!("id: {e}")))?;
+            if !known.contains(&o.customer_id) {
+                return Err(bad(format!("customer_id: no customer {:?}", o.customer_id)));
+            }
+            if o.value.is_sign_negative()
+                || o.value > Decimal::from(1_000_000_000_000_i64)
+                || o.value.normalize().scale() > 6
+            {
+                return Err(bad(
+                    "value: a decimal from 0 to 10^12 with at most 6 decimal places".into(),
+                ));
+            }
+            if o.kind.is_empty() || o.kind.len() > 64 || o.kind.chars().any(char::is_control) {
+                return Err(bad("kind: 1 to 64 characters".into()));
+            }
+            for (k, v) in &o.tags {
+                fatura_core::event::check_tag(k, v).map_err(|e| bad(format!("tags: {e}")))?;
+            }
+            let tags = serde_json::to_string(&o.tags)
+                .map_err(|e| ServiceError::Internal(anyhow::anyhow!(e)))?;
+            let canonical = format!(
+                "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+                o.id,
+                o.customer_id,
+                o.timestamp.timestamp_micros(),
+                o.kind,
+                o.value.normalize(),
+                o.currency,
+                tags
+            );
+            records.push(fatura_store::OutcomeRecord {
+                content_hash: hex::encode(Sha256::digest(canonical.as_bytes())),
+                agent: o.tags.get("agent").cloned().unwrap_or_default(),
+                id: o.id,
+                customer_id: o.customer_id,
+                timestamp: o.timestamp,
+                kind: o.kind,
+                value: o.value.normalize(),
+                currency: o.currency,
+                tags,
+                created_at: now,
+            });
+        }
+        Ok(self.store.insert_outcomes(&records).await?)
+    }
+
+    /// ROI per agent or customer over `[from, to)` (whole minutes): the outcomes' value (in
+    /// USD, converted at the rate of the outcome's day) against the AI spend from the
+    /// rollups.
+    pub async fn roi(
+        &self,
+        group_by: Dimension,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+    ) -> ServiceResult<Vec<RoiRow>> {
+        if !matches!(group_by, Dimension::Agent | Dimension::Customer) {
+            return Err(ServiceError::Invalid("group_by: agent or customer".into()));
+        }
+        if from >= to {
+            return Err(ServiceError::Invalid("from: must be before to".into()));
+        }
+        let grain = Grain::coarsest_aligned(from, to)
+            .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
+        let snapshot = self.snapshot().await?;
+        let mut rows: BTreeMap<String, RoiRow> = BTreeMap::new();
+        for o in self.store.query_outcomes(from, to, customer_id).await? {
+            let rate = snapshot.book.fx_rate_at(o.currency, o.timestamp)?;
+            let usd = o.value / rate;
+            let name = match group_by {
+                Dimension::Agent => o.agent.clone(),
+                _ => o.customer_id.clone(),
+            };
+            let r = rows.entry(name.clone()).or_insert_with(|| RoiRow {
+                name,
+                outcomes: 0,
+                value: Decimal::ZERO,
+                spend: Decimal::ZERO,
+                roi: None,
+                cost_per_outcome: None,
+            });
+            r.outcomes += 1;
+            r.value += usd;
+        }
+        for (k, t) in self
+            .store
+            .query_rollups(grain, from, to, customer_id)
+            .await?
+        {
+            let name = group_by.of(&k).to_string();
+            let r = rows.entry(name.clone()).or_insert_with(|| RoiRow {
+                name,
+                outcomes: 0,
+                value: Decimal::ZERO,
+                spend: Decimal::ZERO,
+                roi: None,
+                cost_per_outcome: None,
+            });
+            r.spend += t.revenue;
+        }
+        Ok(rows
+            .into_values()
+            .map(|mut r| {
+                r.value = r.value.round_dp(6).normalize();
+                r.spend = r.spend.normalize();
+                r.roi = (!r.spend.is_zero()).then(|| (r.value / r.spend).round_dp(4).normalize());
+                r.cost_per_outcome = (r.outcomes > 0).then(|| {
+                    (r.spend / Decimal::from(r.outcomes))
+                        .round_dp(6)
+                        .normalize()
+                });
+                r
+            })
+            .collect())
+    }
+}

@@ -78,6 +78,19 @@ impl PricingBook {
         book
     }
 
+    /// The USD→`currency` rate in force on `at`'s day (UTC).
+    pub(crate) fn fx_rate_at(
+        &self,
+        currency: Currency,
+        at: DateTime<Utc>,
+    ) -> ServiceResult<Decimal> {
+        Ok(fx_rate_on(
+            currency,
+            self.fx_rates(currency),
+            at.date_naive(),
+        )?)
+    }
+
     fn fx_rates(&self, currency: Currency) -> &[(NaiveDate, Decimal)] {
         self.fx.get(&currency).map_or(&[], Vec::as_slice)
     }
