@@ -12,6 +12,7 @@ pub mod billing;
 pub mod catalog;
 pub mod costing;
 pub mod event;
+pub mod forecast;
 pub mod ids;
 pub mod import;
 pub mod money;

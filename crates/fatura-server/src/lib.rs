@@ -150,6 +150,7 @@ impl AppState {
         api::analytics::summary,
         api::analytics::post_outcomes,
         api::analytics::roi,
+        api::analytics::forecast,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -273,6 +274,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/analytics/timeseries", get(api::analytics::timeseries))
         .route("/v1/analytics/summary", get(api::analytics::summary))
         .route("/v1/analytics/roi", get(api::analytics::roi))
+        .route("/v1/analytics/forecast", get(api::analytics::forecast))
         .route("/v1/outcomes", post(api::analytics::post_outcomes))
         .route("/v1/webhooks/stripe", post(api::invoices::stripe_webhook))
         .route(

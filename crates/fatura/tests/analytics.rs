@@ -16,6 +16,7 @@ on_both_backends!(
     rollups_equal_a_recount_after_random_streams,
     timeseries_and_summary_by_hand,
     outcomes_are_idempotent_and_roi_is_value_over_spend,
+    forecast_projects_the_cycle_and_when_the_balance_runs_out,
 );
 
 async fn catalog(app: &TestApp, from: &str, models: &[(&str, &str, &str)]) {
@@ -322,5 +323,112 @@ async fn outcomes_are_idempotent_and_roi_is_value_over_spend(backend: Backend) {
     let (s, _) = app
         .get("/v1/analytics/roi?group_by=model&from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z")
         .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+async fn forecast_projects_the_cycle_and_when_the_balance_runs_out(backend: Backend) {
+    use chrono::Datelike;
+    use rust_decimal::Decimal;
+    let app = TestApp::start(backend).await;
+    catalog(
+        &app,
+        "2026-01-01T00:00:00Z",
+        &[("openai/gpt-4o", "0.0000025", "0.00001")],
+    )
+    .await;
+    let (s, _) = app
+        .post(
+            "/v1/customers",
+            &json!({"id": "p", "name": "P", "billing_mode": "prepaid"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, body) = app
+        .post(
+            "/v1/customers/p/wallet/credits",
+            &json!({"amount": "100", "currency": "USD", "kind": "purchased"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    // A weekly pattern of 100k-token days: cost W × 0.25, revenue W × 0.25 / 0.13.
+    let weekly = [10i64, 12, 14, 13, 11, 6, 5];
+    let w = |d: DateTime<Utc>| weekly[d.weekday().num_days_from_monday() as usize];
+    let revenue =
+        |d: DateTime<Utc>| Decimal::from(w(d)) * Decimal::new(25, 2) / Decimal::new(13, 2);
+    let today = Utc.with_ymd_and_hms(2026, 11, 24, 0, 0, 0).unwrap();
+    let mut events = Vec::new();
+    for back in 1..=35 {
+        let day = today - chrono::Duration::days(back);
+        events.push(event(
+            &format!("f{back}"),
+            "p",
+            json!({"timestamp": (day + chrono::Duration::hours(12)).to_rfc3339(),
+                   "input_tokens": w(day) * 100_000, "output_tokens": 0}),
+        ));
+    }
+    let (s, body) = app.post("/v1/events", &json!({ "events": events })).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, f) = app
+        .get("/v1/analytics/forecast?customer_id=p&at=2026-11-24T12:00:00Z")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{f}");
+    assert_eq!(f["horizon_days"], 7, "Nov 24–30: {f}");
+    let dec = |v: &Value| v.as_str().unwrap().parse::<Decimal>().unwrap();
+    // The whole of November at the pattern's pace.
+    let expected: Decimal = (0..30)
+        .map(|i| {
+            revenue(Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap() + chrono::Duration::days(i))
+        })
+        .sum();
+    let projected = dec(&f["revenue"]["projected"]);
+    let err = ((projected - expected) / expected).abs();
+    assert!(
+        err < Decimal::new(2, 2),
+        "projected {projected}, expected {expected}: {f}"
+    );
+    assert!(dec(&f["revenue"]["lower"]) <= projected && projected <= dec(&f["revenue"]["upper"]));
+    assert_eq!(f["anomaly"], false);
+    // The balance (100.00) runs out on the day the cumulative forecast reaches it.
+    let mut left = Decimal::from(100);
+    let mut day = today;
+    loop {
+        left -= revenue(day);
+        if left <= Decimal::ZERO {
+            break;
+        }
+        day += chrono::Duration::days(1);
+    }
+    assert_eq!(f["balance"], "100");
+    assert_eq!(
+        f["balance_runs_out_on"],
+        json!(day.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        "{f}"
+    );
+    let (_, alerts) = app.get("/v1/alerts").await;
+    assert!(
+        alerts["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "balance_runs_out"),
+        "{alerts}"
+    );
+    // A customer key sees its own forecast without cost; others' are refused.
+    let key = app.key_for("p").await;
+    let (s, mine) = app
+        .get_as(Some(&key), "/v1/analytics/forecast?at=2026-11-24T12:00:00Z")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{mine}");
+    assert!(mine.get("cost").is_none());
+    app.customer("other").await;
+    let (s, _) = app
+        .get_as(Some(&key), "/v1/analytics/forecast?customer_id=other")
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = app
+        .get("/v1/analytics/forecast?customer_id=p&horizon=1000")
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, _) = app.get("/v1/analytics/forecast").await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
 }

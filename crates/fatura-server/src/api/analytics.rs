@@ -403,3 +403,128 @@ pub async fn roi(
             .collect(),
     }))
 }
+
+/// Query of `GET /v1/analytics/forecast`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastQuery {
+    /// Customer (a customer key: only its own).
+    pub customer_id: Option<String>,
+    /// Days to forecast from today (default: to the end of the current cycle; at most 366).
+    pub horizon: Option<usize>,
+    /// RFC 3339 instant to forecast at (default now).
+    pub at: Option<String>,
+}
+
+/// A projected total with its 80% interval.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProjectionOut {
+    /// Actual in the cycle so far (to the start of today, UTC).
+    pub actual: String,
+    /// Actual + forecast.
+    pub projected: String,
+    /// 80% lower bound.
+    pub lower: String,
+    /// 80% upper bound.
+    pub upper: String,
+}
+
+/// One forecast day.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DayOut {
+    /// Day (UTC).
+    pub day: DateTime<Utc>,
+    /// Revenue forecast.
+    pub value: String,
+    /// 80% lower bound.
+    pub lower: String,
+    /// 80% upper bound.
+    pub upper: String,
+}
+
+/// A customer's forecast.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ForecastOut {
+    /// Customer.
+    pub customer_id: String,
+    /// Current cycle start.
+    pub period_start: DateTime<Utc>,
+    /// Current cycle end.
+    pub period_end: DateTime<Utc>,
+    /// Days forecast, from today.
+    pub horizon_days: usize,
+    /// Days of history the model was fitted on.
+    pub history_days: usize,
+    /// Revenue (what the customer pays), USD.
+    pub revenue: ProjectionOut,
+    /// Upstream cost, USD (operators only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<ProjectionOut>,
+    /// Daily revenue forecast.
+    pub daily: Vec<DayOut>,
+    /// Prepaid: the balance now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<String>,
+    /// Prepaid: the day the balance runs out at the forecast pace (null: not within the
+    /// horizon).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance_runs_out_on: Option<Option<DateTime<Utc>>>,
+    /// Yesterday's revenue ran above its forecast's 80% bound.
+    pub anomaly: bool,
+}
+
+fn projection(p: crate::service::analytics::Projection) -> ProjectionOut {
+    ProjectionOut {
+        actual: p.actual.to_string(),
+        projected: p.projected.to_string(),
+        lower: p.lower.to_string(),
+        upper: p.upper.to_string(),
+    }
+}
+
+/// Projected spend and revenue to the end of the customer's current cycle with an 80%
+/// interval (additive Holt-Winters with a weekly season over up to 56 days of daily
+/// rollups), and for prepaid customers the day the balance runs out.
+#[utoipa::path(get, path = "/v1/analytics/forecast", tag = "analytics", params(ForecastQuery),
+    responses((status = 200, body = ForecastOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn forecast(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ForecastQuery>, QueryRejection>,
+) -> Result<ApiJson<ForecastOut>, ApiError> {
+    let Query(q) = query?;
+    let customer = caller
+        .scope_customer(q.customer_id)?
+        .ok_or_else(|| invalid("customer_id: required"))?;
+    let at = instant("at", q.at.as_deref())?.unwrap_or_else(Utc::now);
+    let f = state
+        .fatura
+        .forecast(&customer, at, q.horizon)
+        .await
+        .map_err(service_error)?;
+    let operator = matches!(caller, Caller::Admin);
+    Ok(ApiJson(ForecastOut {
+        customer_id: customer,
+        period_start: f.period_start,
+        period_end: f.period_end,
+        horizon_days: f.horizon_days,
+        history_days: f.history_days,
+        revenue: projection(f.revenue),
+        cost: operator.then(|| projection(f.cost)),
+        daily: f
+            .daily
+            .into_iter()
+            .map(|(day, v, l, u)| DayOut {
+                day,
+                value: v.to_string(),
+                lower: l.to_string(),
+                upper: u.to_string(),
+            })
+            .collect(),
+        balance: f.balance.as_ref().map(|b| b.0.to_string()),
+        balance_runs_out_on: f.balance.map(|b| b.1),
+        anomaly: f.anomaly,
+    }))
+}

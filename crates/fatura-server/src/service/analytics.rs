@@ -412,3 +412,245 @@ impl Fatura {
             .collect())
     }
 }
+
+/// History days the forecast is fitted on (at most).
+pub const FORECAST_HISTORY_DAYS: i64 = 56;
+/// A balance forecast to run out within this many days raises an alert.
+pub const RUNS_OUT_ALERT_DAYS: i64 = 7;
+
+/// A projected total with its 80% interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Projection {
+    /// Actual so far in the cycle (to the start of today, UTC).
+    pub actual: Decimal,
+    /// Actual + forecast to the end of the cycle (or the horizon).
+    pub projected: Decimal,
+    /// Lower bound (80%).
+    pub lower: Decimal,
+    /// Upper bound (80%).
+    pub upper: Decimal,
+}
+
+/// A customer's forecast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forecast {
+    /// Cycle start.
+    pub period_start: DateTime<Utc>,
+    /// Cycle end.
+    pub period_end: DateTime<Utc>,
+    /// First forecast day (today, UTC).
+    pub from_day: DateTime<Utc>,
+    /// Days forecast.
+    pub horizon_days: usize,
+    /// History days used.
+    pub history_days: usize,
+    /// Revenue (what the customer pays), USD.
+    pub revenue: Projection,
+    /// Upstream cost, USD.
+    pub cost: Projection,
+    /// Daily revenue forecast: (day, value, lower, upper).
+    pub daily: Vec<(DateTime<Utc>, Decimal, Decimal, Decimal)>,
+    /// Prepaid: the balance now and the day it runs out at the forecast pace (if within
+    /// the horizon).
+    pub balance: Option<(Decimal, Option<DateTime<Utc>>)>,
+    /// Whether the last full day's revenue ran above its forecast's 80% upper bound.
+    pub anomaly: bool,
+}
+
+fn project(
+    actual: Decimal,
+    series: &[Decimal],
+    horizon: usize,
+) -> (Projection, Vec<fatura_core::forecast::ForecastPoint>) {
+    let points = fatura_core::forecast::fit(series)
+        .map(|f| f.forecast(horizon))
+        .unwrap_or_default();
+    let sum = |f: fn(&fatura_core::forecast::ForecastPoint) -> Decimal| {
+        points.iter().map(f).sum::<Decimal>()
+    };
+    let r = |d: Decimal| d.round_dp(2);
+    (
+        Projection {
+            actual: r(actual),
+            projected: r(actual + sum(|p| p.value)),
+            lower: r(actual + sum(|p| p.lower)),
+            upper: r(actual + sum(|p| p.upper)),
+        },
+        points,
+    )
+}
+
+impl Fatura {
+    /// Daily totals (revenue, cost) of a customer over `[from, to)` (whole days), one per day.
+    async fn daily(
+        &self,
+        customer_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> ServiceResult<(Vec<Decimal>, Vec<Decimal>)> {
+        let days = usize::try_from((to - from).num_days()).unwrap_or(0);
+        let (mut rev, mut cost) = (vec![Decimal::ZERO; days], vec![Decimal::ZERO; days]);
+        if days == 0 {
+            return Ok((rev, cost));
+        }
+        for (k, t) in self
+            .store
+            .query_rollups(Grain::Day, from, to, Some(customer_id))
+            .await?
+        {
+            if let Ok(i) = usize::try_from((k.bucket - from).num_days())
+                && i < days
+            {
+                rev[i] += t.revenue;
+                cost[i] += t.cost;
+            }
+        }
+        Ok((rev, cost))
+    }
+
+    /// Sum of revenue and cost over `[from, to)` at the coarsest grain that tiles it.
+    async fn totals_between(
+        &self,
+        customer_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> ServiceResult<RollupTotals> {
+        let mut t = RollupTotals::default();
+        if from >= to {
+            return Ok(t);
+        }
+        let grain = Grain::coarsest_aligned(from, to).unwrap_or(Grain::Minute);
+        for (_, r) in self
+            .store
+            .query_rollups(grain, from, to, Some(customer_id))
+            .await?
+        {
+            t.add(&r);
+        }
+        Ok(t)
+    }
+
+    /// Projects the customer's revenue and cost to the end of its current cycle (or over
+    /// `horizon` days), with 80% intervals; for prepaid customers, when the balance runs
+    /// out. Raises `spend_anomaly` and `balance_runs_out` alerts.
+    pub async fn forecast(
+        &self,
+        customer_id: &str,
+        at: DateTime<Utc>,
+        horizon: Option<usize>,
+    ) -> ServiceResult<Forecast> {
+        let customer = self.customer(customer_id).await?;
+        let (period_start, period_end) =
+            super::billing::cycle_spec(&customer)?.cycle_containing(at);
+        let today = Grain::Day.bucket(at);
+        let history_from = today - chrono::Duration::days(FORECAST_HISTORY_DAYS);
+        let (mut rev_hist, mut cost_hist) = self.daily(customer_id, history_from, today).await?;
+        // Days before the first usage are not history (but keep two weeks at least).
+        let first = rev_hist
+            .iter()
+            .zip(&cost_hist)
+            .position(|(r, c)| !r.is_zero() || !c.is_zero())
+            .unwrap_or(rev_hist.len())
+            .min(rev_hist.len().saturating_sub(14));
+        rev_hist.drain(..first);
+        cost_hist.drain(..first);
+        let horizon = horizon.unwrap_or_else(|| {
+            usize::try_from(((period_end - today).num_hours() + 23) / 24).unwrap_or(0)
+        });
+        if horizon > 366 {
+            return Err(ServiceError::Invalid("horizon: at most 366 days".into()));
+        }
+        let so_far = self
+            .totals_between(customer_id, period_start.min(today), today)
+            .await?;
+        let (revenue, rev_points) = project(so_far.revenue, &rev_hist, horizon);
+        let (cost, _) = project(so_far.cost, &cost_hist, horizon);
+        let daily = rev_points
+            .iter()
+            .map(|p| {
+                (
+                    today + chrono::Duration::days(p.h as i64 - 1),
+                    p.value.round_dp(2),
+                    p.lower.round_dp(2),
+                    p.upper.round_dp(2),
+                )
+            })
+            .collect::<Vec<_>>();
+        // Anomaly: yesterday against a forecast made without it.
+        let anomaly = match rev_hist.split_last() {
+            Some((last, before)) if before.len() >= 14 => fatura_core::forecast::fit(before)
+                .and_then(|f| f.forecast(1).first().cloned())
+                .is_some_and(|p| *last > p.upper && *last > Decimal::ZERO),
+            _ => false,
+        };
+        if anomaly {
+            self.alert(
+                "spend_anomaly",
+                "warning",
+                Some(customer_id),
+                &format!("{customer_id}:{}", today.date_naive()),
+                format!(
+                    "customer {customer_id}: yesterday's spend {} USD ran above its forecast's 80% bound",
+                    rev_hist.last().copied().unwrap_or_default().round_dp(2)
+                ),
+                at,
+            )
+            .await;
+        }
+        let balance = if customer.prepaid {
+            let movements: Vec<fatura_core::wallet::WalletMovement> = self
+                .store
+                .wallet_transactions(customer_id)
+                .await?
+                .iter()
+                .map(|t| fatura_core::wallet::WalletMovement {
+                    at: t.created_at,
+                    amount: t.amount,
+                    expires_at: t.expires_at,
+                })
+                .collect();
+            let now_balance = fatura_core::wallet::wallet_balance(&movements, at);
+            let mut left = now_balance;
+            let mut runs_out = None;
+            for (day, value, _, _) in &daily {
+                left -= *value;
+                if left <= Decimal::ZERO {
+                    runs_out = Some(*day);
+                    break;
+                }
+            }
+            if let Some(day) = runs_out
+                && (day - today).num_days() < RUNS_OUT_ALERT_DAYS
+            {
+                self.alert(
+                    "balance_runs_out",
+                    "warning",
+                    Some(customer_id),
+                    customer_id,
+                    format!(
+                        "customer {customer_id}: balance {} USD runs out around {} at the forecast pace",
+                        now_balance.normalize(),
+                        day.date_naive()
+                    ),
+                    at,
+                )
+                .await;
+            }
+            Some((now_balance.normalize(), runs_out))
+        } else {
+            None
+        };
+        Ok(Forecast {
+            period_start,
+            period_end,
+            from_day: today,
+            horizon_days: horizon,
+            history_days: rev_hist.len(),
+            revenue,
+            cost,
+            daily,
+            balance,
+            anomaly,
+        })
+    }
+}
