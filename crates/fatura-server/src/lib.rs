@@ -151,6 +151,7 @@ impl AppState {
         api::analytics::post_outcomes,
         api::analytics::roi,
         api::analytics::forecast,
+        api::analytics::provider_comparison,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -275,6 +276,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/analytics/summary", get(api::analytics::summary))
         .route("/v1/analytics/roi", get(api::analytics::roi))
         .route("/v1/analytics/forecast", get(api::analytics::forecast))
+        .route(
+            "/v1/analytics/provider-comparison",
+            get(api::analytics::provider_comparison),
+        )
         .route("/v1/outcomes", post(api::analytics::post_outcomes))
         .route("/v1/webhooks/stripe", post(api::invoices::stripe_webhook))
         .route(

@@ -17,6 +17,7 @@ on_both_backends!(
     timeseries_and_summary_by_hand,
     outcomes_are_idempotent_and_roi_is_value_over_spend,
     forecast_projects_the_cycle_and_when_the_balance_runs_out,
+    provider_comparison_costs_the_same_usage_at_other_providers,
 );
 
 async fn catalog(app: &TestApp, from: &str, models: &[(&str, &str, &str)]) {
@@ -431,4 +432,68 @@ async fn forecast_projects_the_cycle_and_when_the_balance_runs_out(backend: Back
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     let (s, _) = app.get("/v1/analytics/forecast").await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+async fn provider_comparison_costs_the_same_usage_at_other_providers(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    // gpt-4o through OpenRouter at 2.50 / 10.00 per 1M; OpenAI direct at 2.00 / 8.00; Azure
+    // at 2.75 / 11.00; an unrelated model.
+    catalog(
+        &app,
+        "2026-01-01T00:00:00Z",
+        &[("openai/gpt-4o", "0.0000025", "0.00001")],
+    )
+    .await;
+    for (provider, id, p, c) in [
+        ("openai", "gpt-4o", "0.000002", "0.000008"),
+        ("azure", "azure/gpt-4o", "0.00000275", "0.000011"),
+        ("openai", "gpt-4.1", "0.000001", "0.000001"),
+    ] {
+        let (s, body) = app
+            .post_bytes(
+                &format!("/v1/prices/import?format=openrouter&provider={provider}&effective_from=2026-01-01T00:00:00Z"),
+                serde_json::to_vec(&json!({"data": [{"id": id, "pricing": {"prompt": p, "completion": c}}]})).unwrap(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    app.customer("c1").await;
+    let (s, body) = app
+        .post(
+            "/v1/events",
+            &json!({"events": [event("x", "c1", json!({"timestamp": "2026-11-02T10:00:00Z",
+                "input_tokens": 1_000_000, "output_tokens": 100_000}))]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, cmp) = app
+        .get("/v1/analytics/provider-comparison?customer_id=c1&from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{cmp}");
+    let row = &cmp["data"][0];
+    // Actual: 2.50 + 1.00 = 3.50. OpenAI: 2.00 + 0.80 = 2.80 (−0.70). Azure: 2.75 + 1.10 =
+    // 3.85 (+0.35).
+    assert_eq!(row["canonical_model"], "gpt-4o");
+    assert_eq!(row["actual_cost"], "3.5");
+    let alts = row["alternatives"].as_array().unwrap();
+    assert_eq!(alts.len(), 2, "{cmp}");
+    assert_eq!(
+        (alts[0]["provider"].clone(), alts[0]["cost"].clone()),
+        (json!("openai"), json!("2.8"))
+    );
+    assert_eq!(alts[0]["difference"], "-0.7");
+    assert_eq!(
+        (alts[1]["provider"].clone(), alts[1]["difference"].clone()),
+        (json!("azure"), json!("0.35"))
+    );
+    assert_eq!(row["best_saving"], "0.7");
+    assert_eq!(cmp["cheapest_cost"], "2.8");
+    let key = app.key_for("c1").await;
+    let (s, _) = app
+        .get_as(
+            Some(&key),
+            "/v1/analytics/provider-comparison?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z",
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "operators only");
 }

@@ -528,3 +528,117 @@ pub async fn forecast(
         anomaly: f.anomaly,
     }))
 }
+
+/// Query of `GET /v1/analytics/provider-comparison`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ComparisonQuery {
+    /// Only this customer.
+    pub customer_id: Option<String>,
+    /// RFC 3339, whole minute.
+    pub from: Option<String>,
+    /// RFC 3339, whole minute (exclusive).
+    pub to: Option<String>,
+}
+
+/// Another provider's price for the same usage.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AlternativeOut {
+    /// Provider.
+    pub provider: String,
+    /// Its model name.
+    pub model: String,
+    /// Cost of the same usage there, USD.
+    pub cost: String,
+    /// cost − actual cost (negative: a saving).
+    pub difference: String,
+}
+
+/// One model's comparison.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ComparisonOut {
+    /// Provider that served it.
+    pub provider: String,
+    /// Model as served.
+    pub model: String,
+    /// Canonical model name (the equivalence key).
+    pub canonical_model: String,
+    /// Requests.
+    pub requests: i64,
+    /// Input + output tokens.
+    pub tokens: i64,
+    /// What it cost, USD.
+    pub actual_cost: String,
+    /// Other providers, cheapest first.
+    pub alternatives: Vec<AlternativeOut>,
+    /// Saving with the cheapest alternative (negative or zero: none cheaper).
+    pub best_saving: String,
+}
+
+/// Comparison list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ComparisonList {
+    /// By provider and model.
+    pub data: Vec<ComparisonOut>,
+    /// Total actual cost, USD.
+    pub actual_cost: String,
+    /// Total cost at the cheapest provider of each model, USD.
+    pub cheapest_cost: String,
+}
+
+/// For the actual usage mix, the cost through the providers that served it versus every
+/// other provider in the catalog offering the same model (operators only).
+#[utoipa::path(get, path = "/v1/analytics/provider-comparison", tag = "analytics", params(ComparisonQuery),
+    responses((status = 200, body = ComparisonList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn provider_comparison(
+    State(state): State<AppState>,
+    _admin: crate::auth::Admin,
+    query: Result<Query<ComparisonQuery>, QueryRejection>,
+) -> Result<ApiJson<ComparisonList>, ApiError> {
+    let Query(q) = query?;
+    let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
+    let rows = state
+        .fatura
+        .provider_comparison(from, to, q.customer_id.as_deref())
+        .await
+        .map_err(service_error)?;
+    let mut actual = rust_decimal::Decimal::ZERO;
+    let mut cheapest = rust_decimal::Decimal::ZERO;
+    let data = rows
+        .into_iter()
+        .map(|c| {
+            let best = c
+                .alternatives
+                .first()
+                .map_or(c.actual_cost, |a| a.cost.min(c.actual_cost));
+            actual += c.actual_cost;
+            cheapest += best;
+            ComparisonOut {
+                best_saving: (c.actual_cost - best).normalize().to_string(),
+                provider: c.provider,
+                model: c.model,
+                canonical_model: c.canonical,
+                requests: c.totals.requests,
+                tokens: c.totals.tokens(),
+                actual_cost: c.actual_cost.to_string(),
+                alternatives: c
+                    .alternatives
+                    .into_iter()
+                    .map(|a| AlternativeOut {
+                        provider: a.provider,
+                        model: a.model,
+                        cost: a.cost.normalize().to_string(),
+                        difference: a.difference.to_string(),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(ApiJson(ComparisonList {
+        data,
+        actual_cost: actual.normalize().to_string(),
+        cheapest_cost: cheapest.normalize().to_string(),
+    }))
+}

@@ -654,3 +654,142 @@ impl Fatura {
         })
     }
 }
+
+/// The canonical name of a model across providers: the name after the vendor prefix,
+/// lower-cased, with the aliases of [`MODEL_ALIASES`] applied (`openai/gpt-4o`,
+/// `azure/gpt-4o` and `gpt-4o` are one model).
+pub fn canonical_model(model: &str) -> String {
+    let base = model
+        .rsplit('/')
+        .next()
+        .unwrap_or(model)
+        .to_ascii_lowercase();
+    MODEL_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == base)
+        .map_or(base, |(_, canonical)| (*canonical).to_string())
+}
+
+/// Names providers give the same model under; maintained by hand as catalogs diverge.
+pub const MODEL_ALIASES: &[(&str, &str)] = &[
+    ("gpt-4o-2024-08-06", "gpt-4o"),
+    ("gpt-4o-2024-11-20", "gpt-4o"),
+    ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+    ("claude-3-5-sonnet-20241022", "claude-3.5-sonnet"),
+    ("claude-3-5-sonnet-latest", "claude-3.5-sonnet"),
+    ("claude-sonnet-4-20250514", "claude-sonnet-4"),
+    ("gemini-2.5-flash-preview", "gemini-2.5-flash"),
+];
+
+/// What the same usage would have cost at another provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alternative {
+    /// Provider.
+    pub provider: String,
+    /// Its name for the model.
+    pub model: String,
+    /// Cost of the usage at its prices, USD.
+    pub cost: Decimal,
+    /// `cost − actual cost` (negative: cheaper).
+    pub difference: Decimal,
+}
+
+/// One model's usage, what it cost, and what it would have cost elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Comparison {
+    /// Provider that served it.
+    pub provider: String,
+    /// Model as served.
+    pub model: String,
+    /// Canonical model name.
+    pub canonical: String,
+    /// Usage.
+    pub totals: RollupTotals,
+    /// Actual cost, USD.
+    pub actual_cost: Decimal,
+    /// Other providers offering the same model, cheapest first.
+    pub alternatives: Vec<Alternative>,
+}
+
+impl Fatura {
+    /// For the usage in `[from, to)` (whole minutes), per model: the actual cost and the cost
+    /// at every other provider in the catalog offering the same canonical model, at the
+    /// prices in force at the end of the period.
+    pub async fn provider_comparison(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+    ) -> ServiceResult<Vec<Comparison>> {
+        if from >= to {
+            return Err(ServiceError::Invalid("from: must be before to".into()));
+        }
+        let grain = Grain::coarsest_aligned(from, to)
+            .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
+        let mut usage: BTreeMap<(String, String), RollupTotals> = BTreeMap::new();
+        for (k, t) in self
+            .store
+            .query_rollups(grain, from, to, customer_id)
+            .await?
+        {
+            usage.entry((k.provider, k.model)).or_default().add(&t);
+        }
+        let snapshot = self.snapshot().await?;
+        let at = to - chrono::Duration::microseconds(1);
+        let mut by_canonical: BTreeMap<String, Vec<&fatura_core::catalog::PriceVersion>> =
+            BTreeMap::new();
+        for v in snapshot.catalog.versions() {
+            if snapshot
+                .catalog
+                .price_at(&v.provider, &v.model, at)
+                .map(|x| x.id)
+                == Some(v.id)
+            {
+                by_canonical
+                    .entry(canonical_model(&v.model))
+                    .or_default()
+                    .push(v);
+            }
+        }
+        let mut out = Vec::new();
+        for ((provider, model), t) in usage {
+            let canonical = canonical_model(&model);
+            let count = |v: i64| u64::try_from(v).unwrap_or(0);
+            let Ok(tokens) = fatura_core::TokenUsage::new(
+                count(t.input_tokens),
+                count(t.output_tokens),
+                count(t.cached_input_tokens),
+                count(t.cache_write_tokens),
+                count(t.reasoning_tokens),
+                count(t.requests),
+            ) else {
+                continue;
+            };
+            let mut alternatives = Vec::new();
+            for v in by_canonical.get(&canonical).into_iter().flatten() {
+                if v.provider == provider && v.model == model {
+                    continue;
+                }
+                let cost = fatura_core::cost_usage(&tokens, &v.prices)
+                    .map_err(|e| ServiceError::Internal(anyhow::anyhow!(e)))?
+                    .total();
+                alternatives.push(Alternative {
+                    provider: v.provider.clone(),
+                    model: v.model.clone(),
+                    cost,
+                    difference: (cost - t.cost).normalize(),
+                });
+            }
+            alternatives.sort_by(|a, b| a.cost.cmp(&b.cost).then(a.provider.cmp(&b.provider)));
+            out.push(Comparison {
+                actual_cost: t.cost.normalize(),
+                provider,
+                model,
+                canonical,
+                totals: t,
+                alternatives,
+            });
+        }
+        Ok(out)
+    }
+}
