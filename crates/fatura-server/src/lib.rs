@@ -152,6 +152,8 @@ impl AppState {
         api::analytics::roi,
         api::analytics::forecast,
         api::analytics::provider_comparison,
+        api::export::usage_csv,
+        api::export::invoices_csv,
         api::healthz,
         api::readyz,
         api::metrics,
@@ -276,6 +278,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/analytics/summary", get(api::analytics::summary))
         .route("/v1/analytics/roi", get(api::analytics::roi))
         .route("/v1/analytics/forecast", get(api::analytics::forecast))
+        .route("/v1/export/usage.csv", get(api::export::usage_csv))
+        .route("/v1/export/invoices.csv", get(api::export::invoices_csv))
         .route(
             "/v1/analytics/provider-comparison",
             get(api::analytics::provider_comparison),

@@ -370,6 +370,31 @@ pub struct OutcomeRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// One event as exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRow {
+    /// Id.
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// Timestamp.
+    pub timestamp: DateTime<Utc>,
+    /// Provider.
+    pub provider: String,
+    /// Model.
+    pub model: String,
+    /// Counts.
+    pub usage: fatura_core::TokenUsage,
+    /// Cost, USD (`None`: unpriced).
+    pub cost: Option<Decimal>,
+    /// Provisional revenue, USD.
+    pub revenue: Option<Decimal>,
+    /// Tags, JSON.
+    pub tags: String,
+    /// Upstream that served it (gateway).
+    pub upstream: Option<String>,
+}
+
 /// A plan version: the plan's name and terms from `effective_from` on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanVersionRecord {
@@ -694,6 +719,14 @@ pub trait Store: Send + Sync + 'static {
         to: DateTime<Utc>,
         customer_id: Option<&str>,
     ) -> StoreResult<Vec<OutcomeRecord>>;
+    /// Up to `limit` events matching `filter`, in `(timestamp, id)` order, after `after`
+    /// (keyset pagination for streaming exports).
+    async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> StoreResult<Vec<ExportRow>>;
     /// Records a collection attempt's outcome: `paid_at` set → paid; else the failure.
     async fn record_payment(
         &self,

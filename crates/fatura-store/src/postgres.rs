@@ -22,11 +22,11 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::{
-    AlertRecord, ApiKeyRecord, BillingSettings, Customer, EventPricing, FxRate, INSERT_CHUNK,
-    InsertOutcome, InvoiceRecord, OutcomeRecord, PaymentRecord, PlanAssignment, PlanVersionRecord,
-    PreparedEvent, PriceImport, PricingChange, PricingData, Store, StoreError, StoreResult,
-    StoredEvent, UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count, from_micros,
-    micros, parse_terms, terms_json,
+    AlertRecord, ApiKeyRecord, BillingSettings, Customer, EventPricing, ExportRow, FxRate,
+    INSERT_CHUNK, InsertOutcome, InvoiceRecord, OutcomeRecord, PaymentRecord, PlanAssignment,
+    PlanVersionRecord, PreparedEvent, PriceImport, PricingChange, PricingData, Store, StoreError,
+    StoreResult, StoredEvent, UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count,
+    from_micros, micros, parse_terms, terms_json,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -1310,6 +1310,65 @@ impl Store for PgStore {
             })
         })
         .collect()
+    }
+
+    async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> StoreResult<Vec<ExportRow>> {
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "SELECT id, customer_id, ts_us, provider, model, input_tokens, output_tokens, cached_input_tokens, \
+             cache_write_tokens, reasoning_tokens, requests, cost, revenue, tags::text AS tags, upstream FROM usage_events WHERE 1 = 1",
+        );
+        if let Some(c) = &filter.customer_id {
+            qb.push(" AND customer_id = ").push_bind(c);
+        }
+        if let Some(t) = filter.from {
+            qb.push(" AND ts_us >= ").push_bind(micros(t));
+        }
+        if let Some(t) = filter.to {
+            qb.push(" AND ts_us < ").push_bind(micros(t));
+        }
+        if let Some(p) = &filter.provider {
+            qb.push(" AND provider = ").push_bind(p);
+        }
+        if let Some(m) = &filter.model {
+            qb.push(" AND model = ").push_bind(m);
+        }
+        for (k, v) in &filter.tags {
+            qb.push(" AND tags ->> ")
+                .push_bind(k)
+                .push(" = ")
+                .push_bind(v);
+        }
+        if let Some((ts, id)) = &after {
+            qb.push(" AND (ts_us, id) > (")
+                .push_bind(micros(*ts))
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        qb.push(" ORDER BY ts_us, id LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ExportRow {
+                    id: r.try_get("id")?,
+                    customer_id: r.try_get("customer_id")?,
+                    timestamp: from_micros(r.try_get("ts_us")?)?,
+                    provider: r.try_get("provider")?,
+                    model: r.try_get("model")?,
+                    usage: usage_from_row(r)?,
+                    cost: r.try_get("cost")?,
+                    revenue: r.try_get("revenue")?,
+                    tags: r.try_get("tags")?,
+                    upstream: r.try_get("upstream")?,
+                })
+            })
+            .collect()
     }
 
     async fn record_payment(

@@ -18,6 +18,7 @@ on_both_backends!(
     outcomes_are_idempotent_and_roi_is_value_over_spend,
     forecast_projects_the_cycle_and_when_the_balance_runs_out,
     provider_comparison_costs_the_same_usage_at_other_providers,
+    usage_exports_stream_every_matching_event_once,
 );
 
 async fn catalog(app: &TestApp, from: &str, models: &[(&str, &str, &str)]) {
@@ -496,4 +497,119 @@ async fn provider_comparison_costs_the_same_usage_at_other_providers(backend: Ba
         )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "operators only");
+}
+
+async fn usage_exports_stream_every_matching_event_once(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    catalog(
+        &app,
+        "2026-01-01T00:00:00Z",
+        &[("openai/gpt-4o", "0.0000025", "0.00001")],
+    )
+    .await;
+    app.customer("c1").await;
+    app.customer("c2").await;
+    // 4,500 events for c1 (more than two pages of 2,000), some tagged; 10 for c2.
+    for batch in 0..3 {
+        let events: Vec<Value> = (0..1500)
+            .map(|i| {
+                let n = batch * 1500 + i;
+                let mut extra = json!({"timestamp": format!("2026-11-0{}T{:02}:{:02}:00Z", 1 + n % 9, n % 24, n % 60),
+                                       "input_tokens": 10 + n, "output_tokens": 1});
+                if n % 3 == 0 {
+                    extra["tags"] = json!({"agent": "sdr, \"the\" bot"});
+                }
+                event(&format!("e{n:05}"), "c1", extra)
+            })
+            .collect();
+        let (s, body) = app.post("/v1/events", &json!({ "events": events })).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    let (s, body) = app
+        .post(
+            "/v1/events",
+            &json!({"events": (0..10).map(|i| event(&format!("x{i}"), "c2", json!({}))).collect::<Vec<_>>()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let text = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/csv")
+        );
+        r.text().await.unwrap()
+    };
+    let csv = text(
+        app.client
+            .get(app.url("/v1/export/usage.csv?customer_id=c1"))
+            .bearer_auth(common::ADMIN_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].contains(",cost,upstream,"), "{}", lines[0]);
+    assert_eq!(lines.len(), 1 + 4500);
+    let ids: std::collections::BTreeSet<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4500, "each event exactly once");
+    // Ordered by timestamp; quoting keeps commas and quotes inside tags intact.
+    let ts: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').nth(2).unwrap())
+        .collect();
+    assert!(ts.windows(2).all(|w| w[0] <= w[1]));
+    assert!(csv.contains(r#"sdr, \""the\"" bot""}""#), "{}", lines[1]);
+    // Filters: a tag and a time range.
+    let csv = text(
+        app.client
+            .get(app.url("/v1/export/usage.csv?customer_id=c1&from=2026-11-02T00:00:00Z&to=2026-11-03T00:00:00Z"))
+            .bearer_auth(common::ADMIN_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(csv.lines().count(), 1 + 500);
+    // A customer exports its own usage, without cost; another's is refused.
+    let key = app.key_for("c2").await;
+    let csv = text(
+        app.client
+            .get(app.url("/v1/export/usage.csv"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(csv.lines().count(), 11);
+    assert!(!csv.lines().next().unwrap().contains("cost"));
+    let (s, _) = app
+        .get_as(Some(&key), "/v1/export/usage.csv?customer_id=c1")
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = app.get("/v1/export/usage.csv?group_by=model").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // Invoices export.
+    let (s, _) = app
+        .post("/v1/billing/run?at=2026-12-01T02:00:00Z", &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let csv = text(
+        app.client
+            .get(app.url("/v1/export/invoices.csv?customer_id=c1"))
+            .bearer_auth(common::ADMIN_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(csv.lines().nth(1).unwrap().contains(",FAT-2026-"), "{csv}");
 }

@@ -3,6 +3,7 @@
 pub mod analytics;
 pub mod customers;
 pub mod events;
+pub mod export;
 pub mod invoices;
 pub mod prices;
 pub mod pricing;

@@ -91,14 +91,16 @@ pub struct UsageResponse {
 }
 
 /// A parsed usage query.
-struct ParsedUsageQuery {
-    customer: Option<String>,
-    filter: UsageFilter,
-    group_by: Vec<GroupBy>,
-    group_names: Vec<String>,
+pub(crate) struct ParsedUsageQuery {
+    pub(crate) customer: Option<String>,
+    pub(crate) filter: UsageFilter,
+    pub(crate) group_by: Vec<GroupBy>,
+    pub(crate) group_names: Vec<String>,
 }
 
-fn parse_usage_query(pairs: Vec<(String, String)>) -> Result<ParsedUsageQuery, ApiError> {
+pub(crate) fn parse_usage_query(
+    pairs: Vec<(String, String)>,
+) -> Result<ParsedUsageQuery, ApiError> {
     let mut customer = None;
     let mut filter = UsageFilter::default();
     let mut from: Option<DateTime<Utc>> = None;
