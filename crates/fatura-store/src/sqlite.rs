@@ -1731,55 +1731,79 @@ fn rollup_from_row(r: &SqliteRow) -> StoreResult<(RollupKey, RollupTotals)> {
             cache_write_tokens: r.try_get("cache_write_tokens")?,
             reasoning_tokens: r.try_get("reasoning_tokens")?,
             unpriced_events: r.try_get("unpriced_events")?,
-            cost: dec(r.try_get("cost")?)?,
-            revenue: dec(r.try_get("revenue")?)?,
+            cost: join_atto(r.try_get("cost_units")?, r.try_get("cost_atto")?),
+            revenue: join_atto(r.try_get("revenue_units")?, r.try_get("revenue_atto")?),
         },
     ))
 }
 
-/// Adds `delta` to the rollup rows (read, add exactly in Rust, write back).
+/// 10^18: attounits per unit.
+const ATTO: i64 = 1_000_000_000_000_000_000;
+
+/// A non-negative decimal with at most 18 places as (units, attounits).
+fn split_atto(d: Decimal) -> StoreResult<(i64, i64)> {
+    let units = d.trunc();
+    let atto = ((d - units) * Decimal::from(ATTO)).trunc();
+    match (i64::try_from(units), i64::try_from(atto)) {
+        (Ok(u), Ok(a)) if (d - units) * Decimal::from(ATTO) == atto.into() && a >= 0 => Ok((u, a)),
+        _ => Err(StoreError::Internal(anyhow::anyhow!(
+            "rollup amount {d} is negative or has more than 18 decimal places"
+        ))),
+    }
+}
+
+fn join_atto(units: i64, atto: i64) -> Decimal {
+    (Decimal::from(units) + Decimal::new(atto, 18)).normalize()
+}
+
+/// Adds `delta` to the rollup rows: multi-row upserts whose integer arithmetic is exact.
 async fn apply_rollups(tx: &mut sqlx::SqliteConnection, delta: &RollupDelta) -> StoreResult<()> {
-    for (k, d) in delta {
-        let existing = sqlx::query(
-            "SELECT * FROM rollups WHERE grain = ? AND bucket_us = ? AND customer_id = ? AND provider = ? \
-             AND model = ? AND agent = ?",
-        )
-        .bind(k.grain.as_str())
-        .bind(micros(k.bucket))
-        .bind(&k.customer_id)
-        .bind(&k.provider)
-        .bind(&k.model)
-        .bind(&k.agent)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let mut t = match existing {
-            Some(r) => rollup_from_row(&r)?.1,
-            None => RollupTotals::default(),
-        };
-        t.add(d);
-        sqlx::query(
-            "INSERT OR REPLACE INTO rollups (grain, bucket_us, customer_id, provider, model, agent, events, requests, \
+    let mut rows = Vec::with_capacity(delta.len());
+    for (k, t) in delta {
+        rows.push((k, t, split_atto(t.cost)?, split_atto(t.revenue)?));
+    }
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO rollups (grain, bucket_us, customer_id, provider, model, agent, events, requests, \
              input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, unpriced_events, \
-             cost, revenue) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(k.grain.as_str())
-        .bind(micros(k.bucket))
-        .bind(&k.customer_id)
-        .bind(&k.provider)
-        .bind(&k.model)
-        .bind(&k.agent)
-        .bind(t.events)
-        .bind(t.requests)
-        .bind(t.input_tokens)
-        .bind(t.output_tokens)
-        .bind(t.cached_input_tokens)
-        .bind(t.cache_write_tokens)
-        .bind(t.reasoning_tokens)
-        .bind(t.unpriced_events)
-        .bind(t.cost.normalize().to_string())
-        .bind(t.revenue.normalize().to_string())
-        .execute(&mut *tx)
-        .await?;
+             cost_units, cost_atto, revenue_units, revenue_atto) ",
+        );
+        qb.push_values(chunk, |mut b, (k, t, cost, revenue)| {
+            b.push_bind(k.grain.as_str())
+                .push_bind(micros(k.bucket))
+                .push_bind(&k.customer_id)
+                .push_bind(&k.provider)
+                .push_bind(&k.model)
+                .push_bind(&k.agent)
+                .push_bind(t.events)
+                .push_bind(t.requests)
+                .push_bind(t.input_tokens)
+                .push_bind(t.output_tokens)
+                .push_bind(t.cached_input_tokens)
+                .push_bind(t.cache_write_tokens)
+                .push_bind(t.reasoning_tokens)
+                .push_bind(t.unpriced_events)
+                .push_bind(cost.0)
+                .push_bind(cost.1)
+                .push_bind(revenue.0)
+                .push_bind(revenue.1);
+        });
+        // SET expressions see the old row; attounits carry into units.
+        qb.push(
+            " ON CONFLICT (grain, bucket_us, customer_id, provider, model, agent) DO UPDATE SET \
+             events = events + excluded.events, requests = requests + excluded.requests, \
+             input_tokens = input_tokens + excluded.input_tokens, \
+             output_tokens = output_tokens + excluded.output_tokens, \
+             cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens, \
+             cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, \
+             reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens, \
+             unpriced_events = unpriced_events + excluded.unpriced_events, \
+             cost_units = cost_units + excluded.cost_units + (cost_atto + excluded.cost_atto) / 1000000000000000000, \
+             cost_atto = (cost_atto + excluded.cost_atto) % 1000000000000000000, \
+             revenue_units = revenue_units + excluded.revenue_units + (revenue_atto + excluded.revenue_atto) / 1000000000000000000, \
+             revenue_atto = (revenue_atto + excluded.revenue_atto) % 1000000000000000000",
+        );
+        qb.build().execute(&mut *tx).await?;
     }
     Ok(())
 }
