@@ -1,0 +1,233 @@
+//! Analytics query latency over rollups, on SQLite and PostgreSQL.
+//!
+//! Records `--events` events (default 10M) spread over November 2026 across `--customers`
+//! customers, 4 models and 3 agents through `record_events` (which maintains the rollups),
+//! then measures, `--reps` times each: the month's summary (all customers), the month's
+//! daily revenue series (all customers, grouped by model), and one customer's hourly series.
+//! The baseline, in the same run, is the month's usage computed by scanning the raw events
+//! (`GET /v1/usage`'s path).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use chrono::{TimeZone, Utc};
+use clap::Parser;
+use fatura_bench::{fixtures, quantile};
+use fatura_core::import::CatalogFormat;
+use fatura_core::rollup::Grain;
+use fatura_core::{Currency, CustomerId, EventId, MarginRate, TokenUsage, UsageEvent};
+use fatura_server::service::Fatura;
+use fatura_server::service::analytics::{Dimension, Metric};
+use sqlx::Connection;
+
+const MODELS: [&str; 4] = ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "o3-mini"];
+const AGENTS: [&str; 3] = ["sdr-bot", "support", "qualifier"];
+
+#[derive(Debug, Parser)]
+#[command(about = "Analytics query latency over rollups (p50/p99)")]
+struct Args {
+    /// Events to record.
+    #[arg(long, default_value_t = 10_000_000)]
+    events: u64,
+    /// Customers.
+    #[arg(long, default_value_t = 100)]
+    customers: u64,
+    /// Repetitions of each query.
+    #[arg(long, default_value_t = 50)]
+    reps: usize,
+    /// Backends (comma separated).
+    #[arg(long, default_value = "sqlite,postgres")]
+    backends: String,
+    /// PostgreSQL URL used to create a scratch database.
+    #[arg(
+        long,
+        env = "FATURA_TEST_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres_url: String,
+}
+
+fn batch(start: u64, len: u64, customers: u64) -> Vec<(usize, UsageEvent)> {
+    let month = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+    let span = 30 * 86_400;
+    (0..len)
+        .map(|i| {
+            let n = start + i;
+            let c = n % customers;
+            let input = 200 + (n * 7919) % 8000;
+            let output = 20 + (n * 104_729) % 1500;
+            // Spread over the month, pseudo-randomly but deterministically.
+            let at = month + chrono::Duration::seconds(((n * 2_654_435_761) % span) as i64);
+            let e = UsageEvent::new(
+                EventId::parse(&format!("a-{n}")).unwrap(),
+                CustomerId::parse(&format!("cus-{c}")).unwrap(),
+                at,
+                "openai".into(),
+                MODELS[(n / 3 % 4) as usize].into(),
+                TokenUsage::new(input, output, input / 4 * (n % 2), 0, 0, 1).unwrap(),
+                BTreeMap::from([(
+                    "agent".to_string(),
+                    AGENTS[(n / 7 % 3) as usize].to_string(),
+                )]),
+                None,
+            )
+            .unwrap();
+            (i as usize, e)
+        })
+        .collect()
+}
+
+fn ms(samples: &mut [f64]) -> (f64, f64) {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    (quantile(samples, 0.5), quantile(samples, 0.99))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut table = Vec::new();
+    for backend in args.backends.split(',').map(str::trim) {
+        let dir = tempfile::tempdir()?;
+        let (url, pg) = match backend {
+            "sqlite" => (
+                format!("sqlite://{}", dir.path().join("a.db").display()),
+                None,
+            ),
+            "postgres" => {
+                let name = format!("fatura_bench_a_{}", std::process::id());
+                let mut conn = sqlx::PgConnection::connect(&args.postgres_url).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await?;
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await?;
+                let base = &args.postgres_url[..args.postgres_url.rfind('/').context("bad url")?];
+                (format!("{base}/{name}"), Some(name))
+            }
+            other => bail!("unknown backend {other}"),
+        };
+        let store = fatura_store::connect(&url, 8).await?;
+        store.migrate().await?;
+        let fatura = Arc::new(Fatura::new(store, MarginRate::default_floor()));
+        let catalog = std::fs::read(fixtures().join("litellm_model_prices.json"))?;
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        fatura
+            .import_prices(
+                CatalogFormat::LiteLlm,
+                &catalog,
+                Some("openai"),
+                t0,
+                Utc::now(),
+            )
+            .await?;
+        for c in 0..args.customers {
+            fatura
+                .create_customer(
+                    Some(&format!("cus-{c}")),
+                    &format!("Customer {c}"),
+                    Currency::Usd,
+                    Default::default(),
+                    Utc::now(),
+                )
+                .await?;
+        }
+        eprintln!("== {backend}: recording {} events", args.events);
+        let t = Instant::now();
+        let size = 5_000u64;
+        let mut start = 0;
+        while start < args.events {
+            let len = size.min(args.events - start);
+            let (a, b) = (
+                fatura.record_events(batch(start, len / 2, args.customers), Utc::now()),
+                fatura.record_events(
+                    batch(start + len / 2, len - len / 2, args.customers),
+                    Utc::now(),
+                ),
+            );
+            let (a, b) = tokio::join!(a, b);
+            a?;
+            b?;
+            start += len;
+        }
+        let ingest = t.elapsed().as_secs_f64();
+        let (from, to) = (
+            Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
+        );
+        // Baseline: the month's totals by scanning the raw events.
+        let t = Instant::now();
+        let filter = fatura_store::UsageFilter {
+            from: Some(from),
+            to: Some(to),
+            ..Default::default()
+        };
+        let raw = fatura.usage(&filter, Vec::new()).await?;
+        let scan_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let (mut sum_ms, mut daily_ms, mut hourly_ms) = (Vec::new(), Vec::new(), Vec::new());
+        let mut summary = None;
+        for _ in 0..args.reps {
+            let t = Instant::now();
+            summary = Some(fatura.summary(from, to, None).await?);
+            sum_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            fatura
+                .timeseries(
+                    Metric::Revenue,
+                    Grain::Day,
+                    from,
+                    to,
+                    Some(Dimension::Model),
+                    None,
+                )
+                .await?;
+            daily_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            fatura
+                .timeseries(Metric::Revenue, Grain::Hour, from, to, None, Some("cus-1"))
+                .await?;
+            hourly_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        // Rollups and the raw scan must agree.
+        let s = summary.unwrap();
+        let r = raw.first().map(|(_, t)| t.clone()).unwrap_or_default();
+        if s.totals.revenue != r.revenue || s.totals.events != r.events as i64 {
+            bail!(
+                "{backend}: rollup summary {:?} disagrees with the raw scan {:?}",
+                s.totals,
+                r
+            );
+        }
+        let (s50, s99) = ms(&mut sum_ms);
+        let (d50, d99) = ms(&mut daily_ms);
+        let (h50, h99) = ms(&mut hourly_ms);
+        table.push(format!(
+            "| {backend} | {} | {:.0} | {scan_ms:.0} | {s50:.1} / {s99:.1} | {d50:.1} / {d99:.1} | {h50:.1} / {h99:.1} | {:.0}× |",
+            args.events,
+            args.events as f64 / ingest,
+            scan_ms / s50
+        ));
+        drop(fatura);
+        if let Some(name) = pg {
+            let mut conn = sqlx::PgConnection::connect(&args.postgres_url).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await?;
+        }
+    }
+    println!(
+        "{} customers, 4 models, 3 agents, events spread over November 2026; {} repetitions per query",
+        args.customers, args.reps
+    );
+    println!(
+        "| backend | events | ingest events/s | baseline: month scan of raw events, ms | summary p50 / p99 ms | daily series by model p50 / p99 ms | one customer's hourly series p50 / p99 ms | scan / summary p50 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in table {
+        println!("{r}");
+    }
+    Ok(())
+}
