@@ -1745,7 +1745,7 @@ fn split_atto(d: Decimal) -> StoreResult<(i64, i64)> {
     let units = d.trunc();
     let atto = ((d - units) * Decimal::from(ATTO)).trunc();
     match (i64::try_from(units), i64::try_from(atto)) {
-        (Ok(u), Ok(a)) if (d - units) * Decimal::from(ATTO) == atto.into() && a >= 0 => Ok((u, a)),
+        (Ok(u), Ok(a)) if (d - units) * Decimal::from(ATTO) == atto && a >= 0 => Ok((u, a)),
         _ => Err(StoreError::Internal(anyhow::anyhow!(
             "rollup amount {d} is negative or has more than 18 decimal places"
         ))),
