@@ -1192,15 +1192,18 @@ impl Store for PgStore {
         to: DateTime<Utc>,
         customer_id: Option<&str>,
     ) -> StoreResult<Vec<(RollupKey, RollupTotals)>> {
-        let mut rows = sqlx::query(
-            "SELECT * FROM rollups WHERE grain = $1 AND bucket_us >= $2 AND bucket_us < $3 \
-             AND ($4::text IS NULL OR customer_id = $4)",
-        )
-        .bind(grain.as_str())
-        .bind(micros(from))
-        .bind(micros(to))
-        .bind(customer_id)
-        .fetch(&self.pool);
+        // Two shapes of query (not `customer_id = ? OR ? IS NULL`), so that the planner can use
+        // the (grain, customer_id, bucket) index for one customer.
+        let mut qb = QueryBuilder::<Postgres>::new("SELECT * FROM rollups WHERE grain = ");
+        qb.push_bind(grain.as_str());
+        if let Some(c) = customer_id {
+            qb.push(" AND customer_id = ").push_bind(c);
+        }
+        qb.push(" AND bucket_us >= ")
+            .push_bind(micros(from))
+            .push(" AND bucket_us < ")
+            .push_bind(micros(to));
+        let mut rows = qb.build().fetch(&self.pool);
         let mut out = Vec::new();
         while let Some(r) = rows.try_next().await? {
             out.push(rollup_from_row(&r)?);

@@ -1202,16 +1202,18 @@ impl Store for SqliteStore {
         to: DateTime<Utc>,
         customer_id: Option<&str>,
     ) -> StoreResult<Vec<(RollupKey, RollupTotals)>> {
-        let mut rows = sqlx::query(
-            "SELECT * FROM rollups WHERE grain = ? AND bucket_us >= ? AND bucket_us < ? \
-             AND (? IS NULL OR customer_id = ?)",
-        )
-        .bind(grain.as_str())
-        .bind(micros(from))
-        .bind(micros(to))
-        .bind(customer_id)
-        .bind(customer_id)
-        .fetch(&self.read);
+        // Two shapes of query (not `customer_id = ? OR ? IS NULL`), so that the planner can use
+        // the (grain, customer_id, bucket) index for one customer.
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM rollups WHERE grain = ");
+        qb.push_bind(grain.as_str());
+        if let Some(c) = customer_id {
+            qb.push(" AND customer_id = ").push_bind(c);
+        }
+        qb.push(" AND bucket_us >= ")
+            .push_bind(micros(from))
+            .push(" AND bucket_us < ")
+            .push_bind(micros(to));
+        let mut rows = qb.build().fetch(&self.read);
         let mut out = Vec::new();
         while let Some(r) = rows.try_next().await? {
             out.push(rollup_from_row(&r)?);

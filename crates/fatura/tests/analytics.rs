@@ -179,6 +179,21 @@ async fn timeseries_and_summary_by_hand(backend: Backend) {
         (json!("sdr"), json!("1"))
     );
     assert_eq!(points[2]["group"], "support");
+    // The same series as CSV.
+    let csv = app
+        .client
+        .get(app.url("/v1/analytics/timeseries?metric=requests&grain=hour&from=2026-11-02T00:00:00Z&to=2026-11-04T00:00:00Z&customer_id=c1&group_by=agent&format=csv"))
+        .bearer_auth(common::ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        csv,
+        "bucket,group,value\r\n2026-11-02T10:00:00+00:00,sdr,1\r\n2026-11-02T11:00:00+00:00,sdr,1\r\n2026-11-03T09:00:00+00:00,support,1\r\n"
+    );
     // Margin per day: (revenue − cost) / revenue; revenue 2 × 26.923076923076923077.
     let (_, ts) = app
         .get("/v1/analytics/timeseries?metric=margin&grain=day&from=2026-11-02T00:00:00Z&to=2026-11-03T00:00:00Z")

@@ -1,6 +1,6 @@
 //! Analytics query latency over rollups, on SQLite and PostgreSQL.
 //!
-//! Records `--events` events (default 10M) spread over November 2026 across `--customers`
+//! Records `--events` events (default 10M) in arrival order over November 2026 across `--customers`
 //! customers, 4 models and 3 agents through `record_events` (which maintains the rollups),
 //! then measures, `--reps` times each: the month's summary (all customers), the month's
 //! daily revenue series (all customers, grouped by model), and one customer's hourly series.
@@ -50,7 +50,7 @@ struct Args {
     postgres_url: String,
 }
 
-fn batch(start: u64, len: u64, customers: u64) -> Vec<(usize, UsageEvent)> {
+fn batch(start: u64, len: u64, customers: u64, total: u64) -> Vec<(usize, UsageEvent)> {
     let month = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
     let span = 30 * 86_400;
     (0..len)
@@ -59,8 +59,10 @@ fn batch(start: u64, len: u64, customers: u64) -> Vec<(usize, UsageEvent)> {
             let c = n % customers;
             let input = 200 + (n * 7919) % 8000;
             let output = 20 + (n * 104_729) % 1500;
-            // Spread over the month, pseudo-randomly but deterministically.
-            let at = month + chrono::Duration::seconds(((n * 2_654_435_761) % span) as i64);
+            // In arrival order over the month, as a gateway records them (a few late ones).
+            let late = if n % 50 == 0 { 3_600 } else { 0 };
+            let at =
+                month + chrono::Duration::seconds(((n * span) / total).saturating_sub(late) as i64);
             let e = UsageEvent::new(
                 EventId::parse(&format!("a-{n}")).unwrap(),
                 CustomerId::parse(&format!("cus-{c}")).unwrap(),
@@ -142,9 +144,12 @@ async fn main() -> anyhow::Result<()> {
         while start < args.events {
             let len = size.min(args.events - start);
             let (a, b) = (
-                fatura.record_events(batch(start, len / 2, args.customers), Utc::now()),
                 fatura.record_events(
-                    batch(start + len / 2, len - len / 2, args.customers),
+                    batch(start, len / 2, args.customers, args.events),
+                    Utc::now(),
+                ),
+                fatura.record_events(
+                    batch(start + len / 2, len - len / 2, args.customers, args.events),
                     Utc::now(),
                 ),
             );

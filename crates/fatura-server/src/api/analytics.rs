@@ -41,6 +41,8 @@ pub struct TimeseriesQuery {
     pub group_by: Option<String>,
     /// Only this customer (a customer key: only its own).
     pub customer_id: Option<String>,
+    /// `json` (default) or `csv`.
+    pub format: Option<String>,
 }
 
 /// One point.
@@ -75,8 +77,14 @@ pub async fn timeseries(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<TimeseriesQuery>, QueryRejection>,
-) -> Result<ApiJson<TimeseriesOut>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let Query(q) = query?;
+    let csv = match q.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(_) => return Err(invalid("format: json or csv")),
+    };
     let metric = Metric::parse(&q.metric)
         .ok_or_else(|| invalid("metric: revenue, cost, margin, requests or tokens"))?;
     let grain = Grain::parse(&q.grain).ok_or_else(|| invalid("grain: minute, hour or day"))?;
@@ -98,6 +106,28 @@ pub async fn timeseries(
         .timeseries(metric, grain, from, to, group_by, customer.as_deref())
         .await
         .map_err(service_error)?;
+    if csv {
+        let mut out = String::from("bucket,group,value\r\n");
+        for p in &points {
+            let group = p.group.clone().unwrap_or_default();
+            let group = if group.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", group.replace('"', "\"\""))
+            } else {
+                group
+            };
+            out.push_str(&format!(
+                "{},{},{}\r\n",
+                p.bucket.to_rfc3339(),
+                group,
+                p.value
+            ));
+        }
+        return Ok((
+            [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            out,
+        )
+            .into_response());
+    }
     Ok(ApiJson(TimeseriesOut {
         metric: q.metric,
         grain: q.grain,
@@ -109,7 +139,8 @@ pub async fn timeseries(
                 value: p.value.to_string(),
             })
             .collect(),
-    }))
+    })
+    .into_response())
 }
 
 /// Query of `GET /v1/analytics/summary`.
