@@ -60,7 +60,7 @@ fn batch(start: u64, len: u64, customers: u64, total: u64) -> Vec<(usize, UsageE
             let input = 200 + (n * 7919) % 8000;
             let output = 20 + (n * 104_729) % 1500;
             // In arrival order over the month, as a gateway records them (a few late ones).
-            let late = if n % 50 == 0 { 3_600 } else { 0 };
+            let late = if n.is_multiple_of(50) { 3_600 } else { 0 };
             let at =
                 month + chrono::Duration::seconds(((n * span) / total).saturating_sub(late) as i64);
             let e = UsageEvent::new(
