@@ -1238,8 +1238,14 @@ async fn localstripe() -> LocalStripe {
         .unwrap()
         .port();
     let log = std::env::temp_dir().join(format!("localstripe-{port}.log"));
-    let mut child = std::process::Command::new("localstripe")
-        .args(["--port", &port.to_string(), "--from-scratch"])
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "localstripe",
+            "--port",
+            &port.to_string(),
+            "--from-scratch",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
