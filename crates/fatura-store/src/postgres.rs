@@ -551,27 +551,7 @@ impl Store for PgStore {
             "SELECT customer_id, provider, model, ts_us, requests, input_tokens, output_tokens, cached_input_tokens, \
              cache_write_tokens, reasoning_tokens, cost, revenue, estimated FROM usage_events WHERE 1 = 1",
         );
-        if let Some(c) = &filter.customer_id {
-            qb.push(" AND customer_id = ").push_bind(c);
-        }
-        if let Some(t) = filter.from {
-            qb.push(" AND ts_us >= ").push_bind(micros(t));
-        }
-        if let Some(t) = filter.to {
-            qb.push(" AND ts_us < ").push_bind(micros(t));
-        }
-        if let Some(p) = &filter.provider {
-            qb.push(" AND provider = ").push_bind(p);
-        }
-        if let Some(m) = &filter.model {
-            qb.push(" AND model = ").push_bind(m);
-        }
-        for (k, v) in &filter.tags {
-            qb.push(" AND tags ->> ")
-                .push_bind(k)
-                .push(" = ")
-                .push_bind(v);
-        }
+        push_usage_filter(&mut qb, filter);
         let query = qb.build();
         let mut rows = query.fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
@@ -1325,27 +1305,7 @@ impl Store for PgStore {
             "SELECT id, customer_id, ts_us, provider, model, input_tokens, output_tokens, cached_input_tokens, \
              cache_write_tokens, reasoning_tokens, requests, cost, revenue, tags::text AS tags, upstream FROM usage_events WHERE 1 = 1",
         );
-        if let Some(c) = &filter.customer_id {
-            qb.push(" AND customer_id = ").push_bind(c);
-        }
-        if let Some(t) = filter.from {
-            qb.push(" AND ts_us >= ").push_bind(micros(t));
-        }
-        if let Some(t) = filter.to {
-            qb.push(" AND ts_us < ").push_bind(micros(t));
-        }
-        if let Some(p) = &filter.provider {
-            qb.push(" AND provider = ").push_bind(p);
-        }
-        if let Some(m) = &filter.model {
-            qb.push(" AND model = ").push_bind(m);
-        }
-        for (k, v) in &filter.tags {
-            qb.push(" AND tags ->> ")
-                .push_bind(k)
-                .push(" = ")
-                .push_bind(v);
-        }
+        push_usage_filter(&mut qb, filter);
         if let Some((ts, id)) = &after {
             qb.push(" AND (ts_us, id) > (")
                 .push_bind(micros(*ts))
@@ -1773,4 +1733,29 @@ async fn apply_rollups(tx: &mut sqlx::PgConnection, delta: &RollupDelta) -> Stor
         qb.build().execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// Appends the conditions of a usage filter (the query so far ends in `WHERE 1 = 1`).
+fn push_usage_filter<'a>(qb: &mut QueryBuilder<'a, Postgres>, filter: &'a UsageFilter) {
+    if let Some(c) = &filter.customer_id {
+        qb.push(" AND customer_id = ").push_bind(c);
+    }
+    if let Some(t) = filter.from {
+        qb.push(" AND ts_us >= ").push_bind(micros(t));
+    }
+    if let Some(t) = filter.to {
+        qb.push(" AND ts_us < ").push_bind(micros(t));
+    }
+    if let Some(p) = &filter.provider {
+        qb.push(" AND provider = ").push_bind(p);
+    }
+    if let Some(m) = &filter.model {
+        qb.push(" AND model = ").push_bind(m);
+    }
+    for (k, v) in &filter.tags {
+        qb.push(" AND tags ->> ")
+            .push_bind(k)
+            .push(" = ")
+            .push_bind(v);
+    }
 }

@@ -151,9 +151,12 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(options.clone())
             .await?;
+        // Read connections open on first use, that is after `migrate`: a connection that
+        // prepared `SELECT *` statements against an older schema (or held a snapshot of it)
+        // would describe rows with the old column count.
         let read = SqlitePoolOptions::new()
             .max_connections(4)
-            .min_connections(1)
+            .min_connections(0)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(options.read_only(false))
@@ -555,28 +558,7 @@ impl Store for SqliteStore {
             "SELECT customer_id, provider, model, ts_us, requests, input_tokens, output_tokens, cached_input_tokens, \
              cache_write_tokens, reasoning_tokens, cost, revenue, estimated FROM usage_events WHERE 1 = 1",
         );
-        if let Some(c) = &filter.customer_id {
-            qb.push(" AND customer_id = ").push_bind(c);
-        }
-        if let Some(t) = filter.from {
-            qb.push(" AND ts_us >= ").push_bind(micros(t));
-        }
-        if let Some(t) = filter.to {
-            qb.push(" AND ts_us < ").push_bind(micros(t));
-        }
-        if let Some(p) = &filter.provider {
-            qb.push(" AND provider = ").push_bind(p);
-        }
-        if let Some(m) = &filter.model {
-            qb.push(" AND model = ").push_bind(m);
-        }
-        for (k, v) in &filter.tags {
-            // Tag names are validated to [A-Za-z0-9_.-]; quoting makes '.' literal in the path.
-            qb.push(" AND json_extract(tags, ")
-                .push_bind(format!("$.\"{k}\""))
-                .push(") = ")
-                .push_bind(v);
-        }
+        push_usage_filter(&mut qb, filter);
         let query = qb.build();
         let mut rows = query.fetch(&self.read);
         while let Some(r) = rows.try_next().await? {
@@ -1335,27 +1317,7 @@ impl Store for SqliteStore {
             "SELECT id, customer_id, ts_us, provider, model, input_tokens, output_tokens, cached_input_tokens, \
              cache_write_tokens, reasoning_tokens, requests, cost, revenue, tags, upstream FROM usage_events WHERE 1 = 1",
         );
-        if let Some(c) = &filter.customer_id {
-            qb.push(" AND customer_id = ").push_bind(c);
-        }
-        if let Some(t) = filter.from {
-            qb.push(" AND ts_us >= ").push_bind(micros(t));
-        }
-        if let Some(t) = filter.to {
-            qb.push(" AND ts_us < ").push_bind(micros(t));
-        }
-        if let Some(p) = &filter.provider {
-            qb.push(" AND provider = ").push_bind(p);
-        }
-        if let Some(m) = &filter.model {
-            qb.push(" AND model = ").push_bind(m);
-        }
-        for (k, v) in &filter.tags {
-            qb.push(" AND json_extract(tags, ")
-                .push_bind(format!("$.\"{k}\""))
-                .push(") = ")
-                .push_bind(v);
-        }
+        push_usage_filter(&mut qb, filter);
         if let Some((ts, id)) = &after {
             qb.push(" AND (ts_us, id) > (")
                 .push_bind(micros(*ts))
@@ -1808,4 +1770,30 @@ async fn apply_rollups(tx: &mut sqlx::SqliteConnection, delta: &RollupDelta) -> 
         qb.build().execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// Appends the conditions of a usage filter (the query so far ends in `WHERE 1 = 1`).
+fn push_usage_filter<'a>(qb: &mut QueryBuilder<'a, Sqlite>, filter: &'a UsageFilter) {
+    if let Some(c) = &filter.customer_id {
+        qb.push(" AND customer_id = ").push_bind(c);
+    }
+    if let Some(t) = filter.from {
+        qb.push(" AND ts_us >= ").push_bind(micros(t));
+    }
+    if let Some(t) = filter.to {
+        qb.push(" AND ts_us < ").push_bind(micros(t));
+    }
+    if let Some(p) = &filter.provider {
+        qb.push(" AND provider = ").push_bind(p);
+    }
+    if let Some(m) = &filter.model {
+        qb.push(" AND model = ").push_bind(m);
+    }
+    for (k, v) in &filter.tags {
+        // Tag names are validated to [A-Za-z0-9_.-]; quoting makes '.' literal in the path.
+        qb.push(" AND json_extract(tags, ")
+            .push_bind(format!("$.\"{k}\""))
+            .push(") = ")
+            .push_bind(v);
+    }
 }

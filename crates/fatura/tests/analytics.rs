@@ -6,7 +6,7 @@
 mod common;
 
 use chrono::{DateTime, TimeZone, Utc};
-use common::{Backend, TestApp, event};
+use common::{Backend, TestApp, catalog, event};
 use fatura_core::rollup::{Grain, RollupDelta};
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
@@ -20,20 +20,6 @@ on_both_backends!(
     provider_comparison_costs_the_same_usage_at_other_providers,
     usage_exports_stream_every_matching_event_once,
 );
-
-async fn catalog(app: &TestApp, from: &str, models: &[(&str, &str, &str)]) {
-    let data: Vec<Value> = models
-        .iter()
-        .map(|(id, p, c)| json!({"id": id, "pricing": {"prompt": p, "completion": c}}))
-        .collect();
-    let (s, body) = app
-        .post_bytes(
-            &format!("/v1/prices/import?format=openrouter&effective_from={from}"),
-            serde_json::to_vec(&json!({ "data": data })).unwrap(),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
-}
 
 async fn stored_rollups(app: &TestApp) -> RollupDelta {
     let mut all = RollupDelta::new();

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Backend, TestApp, event};
+use common::{Backend, TestApp, catalog, event};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -16,22 +16,6 @@ on_both_backends!(
     plan_changes_mid_cycle_are_rated_per_period,
     bad_plans_rates_and_assignments_are_refused_and_change_nothing,
 );
-
-/// Imports an OpenRouter-format catalog of one or more `(model, prompt, completion)` per-token
-/// prices effective from `from`.
-async fn catalog(app: &TestApp, from: &str, models: &[(&str, &str, &str)]) {
-    let data: Vec<Value> = models
-        .iter()
-        .map(|(id, p, c)| json!({"id": id, "pricing": {"prompt": p, "completion": c}}))
-        .collect();
-    let (s, body) = app
-        .post_bytes(
-            &format!("/v1/prices/import?format=openrouter&effective_from={from}"),
-            serde_json::to_vec(&json!({ "data": data })).unwrap(),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
-}
 
 async fn plan(app: &TestApp, body: Value) -> Value {
     let (s, out) = app.post("/v1/plans", &body).await;

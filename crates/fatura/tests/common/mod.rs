@@ -345,3 +345,19 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+/// Imports an OpenRouter-format catalog of `(model, prompt, completion)` per-token prices
+/// effective from `from`.
+pub async fn catalog(app: &TestApp, from: &str, models: &[(&str, &str, &str)]) {
+    let data: Vec<Value> = models
+        .iter()
+        .map(|(id, p, c)| json!({"id": id, "pricing": {"prompt": p, "completion": c}}))
+        .collect();
+    let (s, body) = app
+        .post_bytes(
+            &format!("/v1/prices/import?format=openrouter&effective_from={from}"),
+            serde_json::to_vec(&json!({ "data": data })).unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+}
