@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, DurationRound, Months, TimeDelta, TimeZone, Utc};
 use rust_decimal::Decimal;
 
 use crate::event::TokenUsage;
@@ -16,49 +16,90 @@ use crate::event::TokenUsage;
 /// A bucket size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Grain {
-    /// One minute.
+    /// One minute (kept for [`MINUTE_RETENTION`] only).
     Minute,
     /// One hour.
     Hour,
     /// One day (UTC).
     Day,
+    /// One calendar month (UTC).
+    Month,
+}
+
+/// How long minute-grain rollups are kept: events older than this (at write time) feed the
+/// hour, day and month grains only, and older minute rows are pruned. Minute buckets serve
+/// the live views; a month of them would cost about one row per event.
+pub const MINUTE_RETENTION: TimeDelta = TimeDelta::days(2);
+
+/// The oldest minute bucket kept at `now`: `now - MINUTE_RETENTION`, truncated to the hour
+/// (so it moves once an hour, not with every call).
+pub fn minute_cutoff(now: DateTime<Utc>) -> DateTime<Utc> {
+    Grain::Hour.bucket(now - MINUTE_RETENTION)
 }
 
 impl Grain {
     /// All grains, finest first.
-    pub const ALL: [Grain; 3] = [Grain::Minute, Grain::Hour, Grain::Day];
+    pub const ALL: [Grain; 4] = [Grain::Minute, Grain::Hour, Grain::Day, Grain::Month];
 
-    /// `minute`, `hour` or `day`.
+    /// `minute`, `hour`, `day` or `month`.
     pub fn as_str(self) -> &'static str {
         match self {
             Grain::Minute => "minute",
             Grain::Hour => "hour",
             Grain::Day => "day",
+            Grain::Month => "month",
         }
     }
 
-    /// Parses `minute`, `hour` or `day`.
+    /// Parses `minute`, `hour`, `day` or `month`.
     pub fn parse(s: &str) -> Option<Grain> {
         match s {
             "minute" => Some(Grain::Minute),
             "hour" => Some(Grain::Hour),
             "day" => Some(Grain::Day),
+            "month" => Some(Grain::Month),
             _ => None,
-        }
-    }
-
-    /// The bucket length.
-    pub fn span(self) -> TimeDelta {
-        match self {
-            Grain::Minute => TimeDelta::minutes(1),
-            Grain::Hour => TimeDelta::hours(1),
-            Grain::Day => TimeDelta::days(1),
         }
     }
 
     /// The start of the bucket containing `t`.
     pub fn bucket(self, t: DateTime<Utc>) -> DateTime<Utc> {
-        t.duration_trunc(self.span()).unwrap_or(t)
+        let span = match self {
+            Grain::Minute => TimeDelta::minutes(1),
+            Grain::Hour => TimeDelta::hours(1),
+            Grain::Day => TimeDelta::days(1),
+            Grain::Month => {
+                return Utc
+                    .with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+                    .single()
+                    .unwrap_or(t);
+            }
+        };
+        t.duration_trunc(span).unwrap_or(t)
+    }
+
+    /// The start of the bucket after the one containing `t`.
+    pub fn next(self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let b = self.bucket(t);
+        match self {
+            Grain::Minute => b + TimeDelta::minutes(1),
+            Grain::Hour => b + TimeDelta::hours(1),
+            Grain::Day => b + TimeDelta::days(1),
+            Grain::Month => b.checked_add_months(Months::new(1)).unwrap_or(b),
+        }
+    }
+
+    /// How many buckets `[from, to)` spans (both aligned).
+    pub fn buckets_between(self, from: DateTime<Utc>, to: DateTime<Utc>) -> i64 {
+        match self {
+            Grain::Month => {
+                i64::from(to.year() - from.year()) * 12 + i64::from(to.month())
+                    - i64::from(from.month())
+            }
+            Grain::Minute => (to - from).num_minutes(),
+            Grain::Hour => (to - from).num_hours(),
+            Grain::Day => (to - from).num_days(),
+        }
     }
 
     /// True when `t` is the start of a bucket.
@@ -75,6 +116,67 @@ impl Grain {
             .copied()
             .find(|g| g.aligned(from) && g.aligned(to))
     }
+
+    /// Splits `[from, to)` into pieces that whole buckets cover exactly, each at the coarsest
+    /// grain that fits: a month with ragged ends becomes days/hours/minutes at the edges and
+    /// whole months in the middle. `None` when `from` or `to` is not a whole minute.
+    pub fn cover(from: DateTime<Utc>, to: DateTime<Utc>) -> Option<Vec<Piece>> {
+        if !Grain::Minute.aligned(from) || !Grain::Minute.aligned(to) {
+            return None;
+        }
+        let mut out = Vec::new();
+        cover_into(&Grain::ALL, from, to, &mut out);
+        Some(out)
+    }
+}
+
+/// A piece of a range: whole buckets of one grain, `[from, to)`.
+pub type Piece = (Grain, DateTime<Utc>, DateTime<Utc>);
+
+/// Covers `[from, to)` (minute-aligned) with the coarsest of `grains` (finest first).
+fn cover_into(grains: &[Grain], from: DateTime<Utc>, to: DateTime<Utc>, out: &mut Vec<Piece>) {
+    if from >= to {
+        return;
+    }
+    let Some((&g, finer)) = grains.split_last() else {
+        return;
+    };
+    let a = if g.aligned(from) { from } else { g.next(from) };
+    let b = g.bucket(to);
+    if a < b {
+        cover_into(finer, from, a, out);
+        out.push((g, a, b));
+        cover_into(finer, b, to, out);
+    } else {
+        cover_into(finer, from, to, out);
+    }
+}
+
+/// Which dimensions a rollup query keeps; the others are summed over (and come back empty,
+/// with the bucket set to the query's `from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Dims {
+    /// Keep the bucket.
+    pub bucket: bool,
+    /// Keep the customer.
+    pub customer: bool,
+    /// Keep the provider.
+    pub provider: bool,
+    /// Keep the model.
+    pub model: bool,
+    /// Keep the agent.
+    pub agent: bool,
+}
+
+impl Dims {
+    /// Every dimension: the stored rows themselves.
+    pub const ALL: Dims = Dims {
+        bucket: true,
+        customer: true,
+        provider: true,
+        model: true,
+        agent: true,
+    };
 }
 
 /// What a rollup row is keyed by.
@@ -173,7 +275,8 @@ impl RollupTotals {
 /// Changes to apply to the rollup rows, one per key.
 pub type RollupDelta = BTreeMap<RollupKey, RollupTotals>;
 
-/// Adds one event's contribution `t` to `delta` at every grain.
+/// Adds one event's contribution `t` to `delta` at every grain (the minute grain only when
+/// the event's minute is not before `minute_since`, see [`minute_cutoff`]).
 #[allow(clippy::too_many_arguments)]
 pub fn add_event(
     delta: &mut RollupDelta,
@@ -183,8 +286,12 @@ pub fn add_event(
     agent: Option<&str>,
     at: DateTime<Utc>,
     t: &RollupTotals,
+    minute_since: DateTime<Utc>,
 ) {
     for grain in Grain::ALL {
+        if grain == Grain::Minute && at < minute_since {
+            continue;
+        }
         let key = RollupKey {
             grain,
             bucket: grain.bucket(at),
@@ -216,7 +323,7 @@ mod tests {
         );
         let day = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
         assert_eq!(
-            Grain::coarsest_aligned(day, day + TimeDelta::days(30)),
+            Grain::coarsest_aligned(day, day + TimeDelta::days(29)),
             Some(Grain::Day)
         );
         assert_eq!(
@@ -231,18 +338,78 @@ mod tests {
     }
 
     #[test]
+    fn months_and_covers() {
+        let t = Utc.with_ymd_and_hms(2026, 12, 24, 13, 47, 0).unwrap();
+        let dec = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
+        let jan = Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(Grain::Month.bucket(t), dec);
+        assert_eq!(Grain::Month.next(t), jan);
+        assert_eq!(Grain::Month.buckets_between(dec, jan), 1);
+        assert_eq!(Grain::Day.buckets_between(dec, jan), 31);
+        assert_eq!(Grain::coarsest_aligned(dec, jan), Some(Grain::Month));
+        let oct = Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            Grain::cover(oct, jan).unwrap(),
+            vec![(Grain::Month, oct, jan)]
+        );
+        // Ragged at both ends: minutes, hours, days, months, days, hours, minutes.
+        let from = Utc.with_ymd_and_hms(2026, 10, 30, 22, 58, 0).unwrap();
+        let to = Utc.with_ymd_and_hms(2027, 1, 2, 1, 2, 0).unwrap();
+        let h = |d, h, m| Utc.with_ymd_and_hms(2026, 10, d, h, m, 0).unwrap();
+        let j = |d, h, m| Utc.with_ymd_and_hms(2027, 1, d, h, m, 0).unwrap();
+        let nov = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            Grain::cover(from, to).unwrap(),
+            vec![
+                (Grain::Minute, from, h(30, 23, 0)),
+                (Grain::Hour, h(30, 23, 0), h(31, 0, 0)),
+                (Grain::Day, h(31, 0, 0), nov),
+                (Grain::Month, nov, jan),
+                (Grain::Day, jan, j(2, 0, 0)),
+                (Grain::Hour, j(2, 0, 0), j(2, 1, 0)),
+                (Grain::Minute, j(2, 1, 0), to),
+            ]
+        );
+        // Inside one hour: minutes only.
+        assert_eq!(
+            Grain::cover(h(30, 22, 58), h(30, 22, 59)).unwrap(),
+            vec![(Grain::Minute, h(30, 22, 58), h(30, 22, 59))]
+        );
+        assert_eq!(Grain::cover(h(30, 22, 58), h(30, 22, 58)).unwrap(), vec![]);
+        assert!(Grain::cover(t + TimeDelta::seconds(1), jan).is_none());
+        assert_eq!(
+            minute_cutoff(t),
+            Utc.with_ymd_and_hms(2026, 12, 22, 13, 0, 0).unwrap()
+        );
+    }
+
+    #[test]
     fn one_event_feeds_every_grain() {
         let mut d = RollupDelta::new();
         let u = TokenUsage::new(10, 5, 2, 0, 1, 1).unwrap();
         let t = RollupTotals::of_event(&u, Some((Decimal::new(3, 2), Decimal::new(30, 2))));
         let at = Utc.with_ymd_and_hms(2026, 11, 24, 13, 47, 12).unwrap();
-        add_event(&mut d, "c", "p", "m", Some("bot"), at, &t);
-        add_event(&mut d, "c", "p", "m", Some("bot"), at, &t);
-        assert_eq!(d.len(), 3);
+        add_event(&mut d, "c", "p", "m", Some("bot"), at, &t, at);
+        add_event(&mut d, "c", "p", "m", Some("bot"), at, &t, at);
+        assert_eq!(d.len(), 4);
         for v in d.values() {
             assert_eq!(v.events, 2);
             assert_eq!(v.tokens(), 30);
             assert_eq!(v.cost, Decimal::new(6, 2));
         }
+        // Older than the minute cutoff: hour, day and month only.
+        let mut d = RollupDelta::new();
+        add_event(
+            &mut d,
+            "c",
+            "p",
+            "m",
+            None,
+            at,
+            &t,
+            at + TimeDelta::minutes(1),
+        );
+        assert_eq!(d.len(), 3);
+        assert!(d.keys().all(|k| k.grain != Grain::Minute));
     }
 }

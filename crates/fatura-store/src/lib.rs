@@ -694,21 +694,26 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<PaymentRecord>>;
     /// Remembers a webhook event id; false if it was seen before.
     async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool>;
-    /// Rollup rows of `grain` with `from <= bucket < to`, optionally of one customer.
+    /// Rollup rows of `grain` with `from <= bucket < to`, optionally of one customer, summed
+    /// in the database over the dimensions `by` does not keep.
     async fn query_rollups(
         &self,
         grain: fatura_core::rollup::Grain,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         customer_id: Option<&str>,
+        by: fatura_core::rollup::Dims,
     ) -> StoreResult<
         Vec<(
             fatura_core::rollup::RollupKey,
             fatura_core::rollup::RollupTotals,
         )>,
     >;
-    /// Recounts every rollup row from the raw events (for checks and backfills).
+    /// Recounts every rollup row from the raw events (for checks and backfills); minute rows
+    /// only from the current [`fatura_core::rollup::minute_cutoff`] on.
     async fn recount_rollups(&self) -> StoreResult<fatura_core::rollup::RollupDelta>;
+    /// Deletes minute-grain rollup rows of buckets before `before`; returns how many.
+    async fn prune_minute_rollups(&self, before: DateTime<Utc>) -> StoreResult<u64>;
     /// Records outcomes atomically; returns (accepted, duplicates). An id stored with other
     /// content fails the whole call with `EventConflict`.
     async fn insert_outcomes(&self, outcomes: &[OutcomeRecord]) -> StoreResult<(u64, u64)>;
@@ -792,6 +797,7 @@ pub(crate) fn delta_of_inserted(
     inserted: &HashSet<String>,
 ) -> fatura_core::rollup::RollupDelta {
     let mut delta = fatura_core::rollup::RollupDelta::new();
+    let minute_since = fatura_core::rollup::minute_cutoff(chrono::Utc::now());
     for p in events
         .iter()
         .filter(|p| inserted.contains(p.event.id.as_str()))
@@ -809,9 +815,55 @@ pub(crate) fn delta_of_inserted(
             e.tags.get("agent").map(String::as_str),
             e.timestamp,
             &t,
+            minute_since,
         );
     }
     delta
+}
+
+/// The grouping part of a rollup query: the select list of the key columns (a dimension not
+/// kept reads as empty, the bucket as `from_us`) and the `GROUP BY` list.
+pub(crate) fn rollup_group(by: fatura_core::rollup::Dims, from_us: i64) -> (String, String) {
+    let mut select = String::from("grain, ");
+    let mut group = String::from("grain");
+    if by.bucket {
+        select.push_str("bucket_us");
+        group.push_str(", bucket_us");
+    } else {
+        select.push_str(&format!("CAST({from_us} AS BIGINT) AS bucket_us"));
+    }
+    for (keep, col) in [
+        (by.customer, "customer_id"),
+        (by.provider, "provider"),
+        (by.model, "model"),
+        (by.agent, "agent"),
+    ] {
+        if keep {
+            select.push_str(&format!(", {col}"));
+            group.push_str(&format!(", {col}"));
+        } else {
+            select.push_str(&format!(", '' AS {col}"));
+        }
+    }
+    (select, group)
+}
+
+/// The summed counters of a rollup query (`cast` after each sum, e.g. `::BIGINT`).
+pub(crate) fn rollup_count_sums(cast: &str) -> String {
+    [
+        "events",
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "cached_input_tokens",
+        "cache_write_tokens",
+        "reasoning_tokens",
+        "unpriced_events",
+    ]
+    .iter()
+    .map(|c| format!("SUM({c}){cast} AS {c}"))
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 pub(crate) fn grain_of(s: &str) -> StoreResult<fatura_core::rollup::Grain> {

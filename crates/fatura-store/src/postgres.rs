@@ -13,7 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fatura_core::catalog::{PriceComponents, PriceVersion, UnitPrice};
-use fatura_core::rollup::{Grain, RollupDelta, RollupKey, RollupTotals, add_event};
+use fatura_core::rollup::{
+    Dims, Grain, RollupDelta, RollupKey, RollupTotals, add_event, minute_cutoff,
+};
 use fatura_core::usage::{UsageAggregator, UsageRecord};
 use fatura_core::{Currency, TokenUsage};
 use futures_util::TryStreamExt;
@@ -637,6 +639,7 @@ impl Store for PgStore {
         }
         let mut priced = 0;
         let mut delta = RollupDelta::new();
+        let minute_since = minute_cutoff(Utc::now());
         for (id, p) in pricing {
             let row = sqlx::query(
                 "UPDATE usage_events SET price_version_id = $1, cost = $2, revenue = $3 WHERE id = $4 AND cost IS NULL \
@@ -663,6 +666,7 @@ impl Store for PgStore {
                     crate::agent_of(&tags).as_deref(),
                     from_micros(r.try_get("ts_us")?)?,
                     &RollupTotals::of_pricing(p.cost, p.revenue),
+                    minute_since,
                 );
                 priced += 1;
             }
@@ -1171,24 +1175,39 @@ impl Store for PgStore {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         customer_id: Option<&str>,
+        by: Dims,
     ) -> StoreResult<Vec<(RollupKey, RollupTotals)>> {
+        let (select, group) = crate::rollup_group(by, micros(from));
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {select}, {}, SUM(cost) AS cost, SUM(revenue) AS revenue FROM rollups WHERE grain = ",
+            crate::rollup_count_sums("::BIGINT")
+        ));
+        qb.push_bind(grain.as_str());
         // Two shapes of query (not `customer_id = ? OR ? IS NULL`), so that the planner can use
         // the (grain, customer_id, bucket) index for one customer.
-        let mut qb = QueryBuilder::<Postgres>::new("SELECT * FROM rollups WHERE grain = ");
-        qb.push_bind(grain.as_str());
         if let Some(c) = customer_id {
             qb.push(" AND customer_id = ").push_bind(c);
         }
         qb.push(" AND bucket_us >= ")
             .push_bind(micros(from))
             .push(" AND bucket_us < ")
-            .push_bind(micros(to));
+            .push_bind(micros(to))
+            .push(" GROUP BY ")
+            .push(group);
         let mut rows = qb.build().fetch(&self.pool);
         let mut out = Vec::new();
         while let Some(r) = rows.try_next().await? {
             out.push(rollup_from_row(&r)?);
         }
         Ok(out)
+    }
+
+    async fn prune_minute_rollups(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let res = sqlx::query("DELETE FROM rollups WHERE grain = 'minute' AND bucket_us < $1")
+            .bind(micros(before))
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected())
     }
 
     async fn recount_rollups(&self) -> StoreResult<RollupDelta> {
@@ -1198,6 +1217,7 @@ impl Store for PgStore {
         )
         .fetch(&self.pool);
         let mut delta = RollupDelta::new();
+        let minute_since = minute_cutoff(Utc::now());
         while let Some(r) = rows.try_next().await? {
             let tags: String = r.try_get("tags")?;
             let pricing = match (
@@ -1218,6 +1238,7 @@ impl Store for PgStore {
                 crate::agent_of(&tags).as_deref(),
                 from_micros(r.try_get("ts_us")?)?,
                 &RollupTotals::of_event(&usage_from_row(&r)?, pricing),
+                minute_since,
             );
         }
         Ok(delta)

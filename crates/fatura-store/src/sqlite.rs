@@ -13,7 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fatura_core::catalog::{PriceComponents, PriceVersion, UnitPrice};
-use fatura_core::rollup::{Grain, RollupDelta, RollupKey, RollupTotals, add_event};
+use fatura_core::rollup::{
+    Dims, Grain, RollupDelta, RollupKey, RollupTotals, add_event, minute_cutoff,
+};
 use fatura_core::usage::{UsageAggregator, UsageRecord};
 use fatura_core::{Currency, TokenUsage};
 use futures_util::TryStreamExt;
@@ -643,6 +645,7 @@ impl Store for SqliteStore {
         }
         let mut priced = 0;
         let mut delta = RollupDelta::new();
+        let minute_since = minute_cutoff(Utc::now());
         for (id, p) in pricing {
             let res = sqlx::query(
                 "UPDATE usage_events SET price_version_id = ?, cost = ?, revenue = ? WHERE id = ? AND cost IS NULL",
@@ -674,6 +677,7 @@ impl Store for SqliteStore {
                     crate::agent_of(&tags).as_deref(),
                     from_micros(r.try_get("ts_us")?)?,
                     &RollupTotals::of_pricing(p.cost, p.revenue),
+                    minute_since,
                 );
             }
             priced += res.rows_affected();
@@ -1183,24 +1187,40 @@ impl Store for SqliteStore {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         customer_id: Option<&str>,
+        by: Dims,
     ) -> StoreResult<Vec<(RollupKey, RollupTotals)>> {
+        let (select, group) = crate::rollup_group(by, micros(from));
+        // Attounits are summed as two halves of 9 digits each, which cannot overflow.
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {select}, {}, SUM(cost_units) AS cost_units, SUM(cost_atto / 1000000000) AS cost_hi, SUM(cost_atto % 1000000000) AS cost_lo, SUM(revenue_units) AS revenue_units, SUM(revenue_atto / 1000000000) AS revenue_hi, SUM(revenue_atto % 1000000000) AS revenue_lo FROM rollups WHERE grain = ",
+            crate::rollup_count_sums("")
+        ));
+        qb.push_bind(grain.as_str());
         // Two shapes of query (not `customer_id = ? OR ? IS NULL`), so that the planner can use
         // the (grain, customer_id, bucket) index for one customer.
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM rollups WHERE grain = ");
-        qb.push_bind(grain.as_str());
         if let Some(c) = customer_id {
             qb.push(" AND customer_id = ").push_bind(c);
         }
         qb.push(" AND bucket_us >= ")
             .push_bind(micros(from))
             .push(" AND bucket_us < ")
-            .push_bind(micros(to));
+            .push_bind(micros(to))
+            .push(" GROUP BY ")
+            .push(group);
         let mut rows = qb.build().fetch(&self.read);
         let mut out = Vec::new();
         while let Some(r) = rows.try_next().await? {
             out.push(rollup_from_row(&r)?);
         }
         Ok(out)
+    }
+
+    async fn prune_minute_rollups(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let res = sqlx::query("DELETE FROM rollups WHERE grain = 'minute' AND bucket_us < ?")
+            .bind(micros(before))
+            .execute(&self.write)
+            .await?;
+        Ok(res.rows_affected())
     }
 
     async fn recount_rollups(&self) -> StoreResult<RollupDelta> {
@@ -1210,6 +1230,7 @@ impl Store for SqliteStore {
         )
         .fetch(&self.read);
         let mut delta = RollupDelta::new();
+        let minute_since = minute_cutoff(Utc::now());
         while let Some(r) = rows.try_next().await? {
             let tags: String = r.try_get("tags")?;
             let pricing = match (
@@ -1230,6 +1251,7 @@ impl Store for SqliteStore {
                 crate::agent_of(&tags).as_deref(),
                 from_micros(r.try_get("ts_us")?)?,
                 &RollupTotals::of_event(&usage_from_row(&r)?, pricing),
+                minute_since,
             );
         }
         Ok(delta)
@@ -1695,8 +1717,8 @@ fn rollup_from_row(r: &SqliteRow) -> StoreResult<(RollupKey, RollupTotals)> {
             cache_write_tokens: r.try_get("cache_write_tokens")?,
             reasoning_tokens: r.try_get("reasoning_tokens")?,
             unpriced_events: r.try_get("unpriced_events")?,
-            cost: join_atto(r.try_get("cost_units")?, r.try_get("cost_atto")?),
-            revenue: join_atto(r.try_get("revenue_units")?, r.try_get("revenue_atto")?),
+            cost: join_atto(r, "cost")?,
+            revenue: join_atto(r, "revenue")?,
         },
     ))
 }
@@ -1716,8 +1738,12 @@ fn split_atto(d: Decimal) -> StoreResult<(i64, i64)> {
     }
 }
 
-fn join_atto(units: i64, atto: i64) -> Decimal {
-    (Decimal::from(units) + Decimal::new(atto, 18)).normalize()
+/// A summed amount: `{name}_units` + `{name}_hi` × 10^-9 + `{name}_lo` × 10^-18.
+fn join_atto(r: &SqliteRow, name: &str) -> StoreResult<Decimal> {
+    let units: i64 = r.try_get(format!("{name}_units").as_str())?;
+    let hi: i64 = r.try_get(format!("{name}_hi").as_str())?;
+    let lo: i64 = r.try_get(format!("{name}_lo").as_str())?;
+    Ok((Decimal::from(units) + Decimal::new(hi, 9) + Decimal::new(lo, 18)).normalize())
 }
 
 /// Adds `delta` to the rollup rows: multi-row upserts whose integer arithmetic is exact.

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 on_both_backends!(
     rollups_equal_a_recount_after_random_streams,
     timeseries_and_summary_by_hand,
+    minute_rollups_are_kept_for_recent_events_only,
     outcomes_are_idempotent_and_roi_is_value_over_spend,
     forecast_projects_the_cycle_and_when_the_balance_runs_out,
     provider_comparison_costs_the_same_usage_at_other_providers,
@@ -31,7 +32,7 @@ async fn stored_rollups(app: &TestApp) -> RollupDelta {
         for (k, t) in app
             .fatura
             .store()
-            .query_rollups(g, from, to, None)
+            .query_rollups(g, from, to, None, fatura_core::rollup::Dims::ALL)
             .await
             .unwrap()
         {
@@ -199,6 +200,40 @@ async fn timeseries_and_summary_by_hand(backend: Backend) {
     assert_eq!(sum["top_customers"][0]["requests"], 3);
     assert_eq!(sum["top_agents"][0]["name"], "sdr");
     assert_eq!(sum["top_models"][0]["name"], "openai/gpt-4o");
+    // A ragged range is tiled by hours, days and a month: from 11:00 on Nov 2 (calls b, c,
+    // d) and from mid-October to the end of the year (all four).
+    let (s, sum) = app
+        .get("/v1/analytics/summary?from=2026-11-02T11:00:00Z&to=2026-12-01T00:00:00Z")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{sum}");
+    assert_eq!(sum["cost"], "10.5");
+    assert_eq!(sum["requests"], 3);
+    let (_, sum) = app
+        .get("/v1/analytics/summary?from=2026-10-15T00:00:00Z&to=2027-01-01T00:00:00Z")
+        .await;
+    assert_eq!(sum["cost"], "14", "{sum}");
+    assert_eq!(sum["top_customers"][1]["name"], "c2");
+    // Monthly series.
+    let (s, ts) = app
+        .get("/v1/analytics/timeseries?metric=cost&grain=month&from=2026-10-01T00:00:00Z&to=2027-01-01T00:00:00Z")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ts}");
+    assert_eq!(
+        ts["points"],
+        json!([{"bucket": "2026-11-01T00:00:00Z", "value": "14"}])
+    );
+    // Minute precision is kept for recent events only: an old ragged range is refused.
+    let (s, body) = app
+        .get("/v1/analytics/summary?from=2026-11-02T10:30:00Z&to=2026-12-01T00:00:00Z")
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("minute-grain rollups are kept for the last 48 hours"),
+        "{body}"
+    );
     // Tenant isolation: a customer key sees only its own; asking for another is refused.
     let key = app.key_for("c2").await;
     let (s, mine) = app
@@ -228,11 +263,83 @@ async fn timeseries_and_summary_by_hand(backend: Backend) {
         "metric=cost&grain=day&from=2026-11-05T00:00:00Z&to=2026-11-01T00:00:00Z",
         "metric=cost&grain=day&from=2026-11-01T00:30:00Z&to=2026-11-05T00:00:00Z",
         "metric=cost&grain=minute&from=2026-01-01T00:00:00Z&to=2026-12-01T00:00:00Z",
+        "metric=cost&grain=minute&from=2026-11-02T10:00:00Z&to=2026-11-02T11:00:00Z",
+        "metric=cost&grain=month&from=2026-11-02T00:00:00Z&to=2026-12-01T00:00:00Z",
         "metric=cost&grain=day&from=2026-11-01T00:00:00Z&to=2026-11-05T00:00:00Z&group_by=color",
     ] {
         let (s, body) = app.get(&format!("/v1/analytics/timeseries?{q}")).await;
         assert!(s.is_client_error(), "{q}: {s} {body}");
     }
+}
+
+async fn minute_rollups_are_kept_for_recent_events_only(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    catalog(
+        &app,
+        "2026-01-01T00:00:00Z",
+        &[("openai/gpt-4o", "0.0000025", "0.00001")],
+    )
+    .await;
+    app.customer("c1").await;
+    let now = Utc::now();
+    let minute = |t: DateTime<Utc>| Grain::Minute.bucket(t);
+    let recent = minute(now) - chrono::Duration::minutes(10);
+    let old = minute(now) - chrono::Duration::days(3);
+    let call = |id: &str, ts: DateTime<Utc>| {
+        event(
+            id,
+            "c1",
+            json!({"timestamp": ts.to_rfc3339(), "input_tokens": 1_000_000, "output_tokens": 100_000}),
+        )
+    };
+    let (s, body) = app
+        .post(
+            "/v1/events",
+            &json!({"events": [call("recent", recent), call("old", old)]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let rows = stored_rollups(&app).await;
+    let minutes: Vec<_> = rows.keys().filter(|k| k.grain == Grain::Minute).collect();
+    assert_eq!(minutes.len(), 1, "only the recent event has a minute row");
+    assert_eq!(minutes[0].bucket, recent);
+    assert_eq!(
+        rows.keys().filter(|k| k.grain == Grain::Hour).count(),
+        2,
+        "both have hour rows"
+    );
+    // The recent minute answers a minute-grain series over the last hour.
+    let (from, to) = (
+        Grain::Hour.bucket(recent),
+        Grain::Hour.bucket(recent) + chrono::Duration::hours(1),
+    );
+    let (s, ts) = app
+        .get(&format!(
+            "/v1/analytics/timeseries?metric=cost&grain=minute&from={}&to={}",
+            from.format("%Y-%m-%dT%H:%M:%SZ"),
+            to.format("%Y-%m-%dT%H:%M:%SZ")
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ts}");
+    assert_eq!(ts["points"][0]["value"], "3.5", "{ts}");
+    // Two days later the minute row is past its retention and pruned; the hour, day and
+    // month rows stay, and still equal a recount.
+    let pruned = app
+        .fatura
+        .prune_minute_rollups(now + chrono::Duration::days(3))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+    let rows = stored_rollups(&app).await;
+    assert!(rows.keys().all(|k| k.grain != Grain::Minute));
+    let recount = app.fatura.store().recount_rollups().await.unwrap();
+    let without_minutes = |d: &RollupDelta| -> RollupDelta {
+        d.iter()
+            .filter(|(k, _)| k.grain != Grain::Minute)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    };
+    assert_eq!(without_minutes(&recount), rows);
 }
 
 async fn outcomes_are_idempotent_and_roi_is_value_over_spend(backend: Backend) {

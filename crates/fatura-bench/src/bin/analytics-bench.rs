@@ -1,6 +1,6 @@
 //! Analytics query latency over rollups, on SQLite and PostgreSQL.
 //!
-//! Records `--events` events (default 10M) in arrival order over November 2026 across `--customers`
+//! Records `--events` events (default 10M) in arrival order over last month (UTC) across `--customers`
 //! customers, 4 models and 3 agents through `record_events` (which maintains the rollups),
 //! then measures, `--reps` times each: the month's summary (all customers), the month's
 //! daily revenue series (all customers, grouped by model), and one customer's hourly series.
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use chrono::{TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use clap::Parser;
 use fatura_bench::{fixtures, quantile};
 use fatura_core::import::CatalogFormat;
@@ -50,9 +50,15 @@ struct Args {
     postgres_url: String,
 }
 
+/// Last month: `[start, end)`.
+fn last_month() -> (DateTime<Utc>, DateTime<Utc>) {
+    let end = Grain::Month.bucket(Utc::now());
+    (Grain::Month.bucket(end - chrono::Duration::days(1)), end)
+}
+
 fn batch(start: u64, len: u64, customers: u64, total: u64) -> Vec<(usize, UsageEvent)> {
-    let month = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
-    let span = 30 * 86_400;
+    let (month, end) = last_month();
+    let span = (end - month).num_seconds() as u64;
     (0..len)
         .map(|i| {
             let n = start + i;
@@ -159,10 +165,7 @@ async fn main() -> anyhow::Result<()> {
             start += len;
         }
         let ingest = t.elapsed().as_secs_f64();
-        let (from, to) = (
-            Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
-            Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
-        );
+        let (from, to) = last_month();
         // Baseline: the month's totals by scanning the raw events.
         let t = Instant::now();
         let filter = fatura_store::UsageFilter {
@@ -224,8 +227,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "{} customers, 4 models, 3 agents, events spread over November 2026; {} repetitions per query",
-        args.customers, args.reps
+        "{} customers, 4 models, 3 agents, events spread over {}; {} repetitions per query",
+        args.customers,
+        last_month().0.format("%B %Y"),
+        args.reps
     );
     println!(
         "| backend | events | ingest events/s | baseline: month scan of raw events, ms | summary p50 / p99 ms | daily series by model p50 / p99 ms | one customer's hourly series p50 / p99 ms | scan / summary p50 |"

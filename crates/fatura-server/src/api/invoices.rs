@@ -372,7 +372,8 @@ pub async fn run_billing(
     }))
 }
 
-/// Runs billing every `every` until the process stops (inside `fatura serve`).
+/// Runs billing (and collection, and the pruning of minute rollups past their retention)
+/// every `every` until the process stops (inside `fatura serve`).
 pub async fn scheduler(state: AppState, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -386,6 +387,9 @@ pub async fn scheduler(state: AppState, every: std::time::Duration) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "billing run failed; retrying at the next tick"),
+        }
+        if let Err(e) = state.fatura.prune_minute_rollups(Utc::now()).await {
+            tracing::warn!(error = %e, "pruning minute rollups failed; retrying at the next tick");
         }
         if let Some(c) = &state.payments
             && let Err(e) = c.collect_due(Utc::now()).await

@@ -1,11 +1,12 @@
 //! Analytics over the rollups: time series and summaries. Every answer is a sum of rollup
-//! rows of one grain whose buckets tile the asked range exactly, so it equals a recount of
-//! the raw events without reading them.
+//! rows whose buckets tile the asked range exactly (each piece of the range at the coarsest
+//! grain that fits, see [`Grain::cover`]), summed in the database over the dimensions the
+//! answer does not need, so it equals a recount of the raw events without reading them.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use fatura_core::rollup::{Grain, RollupKey, RollupTotals};
+use fatura_core::rollup::{Dims, Grain, MINUTE_RETENTION, RollupKey, RollupTotals, minute_cutoff};
 use rust_decimal::Decimal;
 
 use super::{Fatura, ServiceError, ServiceResult};
@@ -126,7 +127,19 @@ pub struct Summary {
 /// Most buckets one time series may span.
 pub const MAX_BUCKETS: i64 = 10_000;
 
-fn check_range(grain: Grain, from: DateTime<Utc>, to: DateTime<Utc>) -> ServiceResult<()> {
+fn minute_retention_error() -> ServiceError {
+    ServiceError::Invalid(format!(
+        "from: minute-grain rollups are kept for the last {} hours only; use whole hours for older ranges",
+        MINUTE_RETENTION.num_hours()
+    ))
+}
+
+fn check_range(
+    grain: Grain,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> ServiceResult<()> {
     if from >= to {
         return Err(ServiceError::Invalid("from: must be before to".into()));
     }
@@ -137,13 +150,69 @@ fn check_range(grain: Grain, from: DateTime<Utc>, to: DateTime<Utc>) -> ServiceR
             grain.as_str()
         )));
     }
-    let buckets = (to - from).num_seconds() / grain.span().num_seconds();
+    let buckets = grain.buckets_between(from, to);
     if buckets > MAX_BUCKETS {
         return Err(ServiceError::Invalid(format!(
             "to: at most {MAX_BUCKETS} buckets per series ({buckets} asked); use a coarser grain"
         )));
     }
+    if grain == Grain::Minute && from < minute_cutoff(now) {
+        return Err(minute_retention_error());
+    }
     Ok(())
+}
+
+/// The keys a group-by needs.
+fn dims_of(group_by: Option<Dimension>) -> Dims {
+    let mut d = Dims::default();
+    match group_by {
+        Some(Dimension::Customer) => d.customer = true,
+        Some(Dimension::Model) => d.model = true,
+        Some(Dimension::Provider) => d.provider = true,
+        Some(Dimension::Agent) => d.agent = true,
+        None => {}
+    }
+    d
+}
+
+impl Fatura {
+    /// Deletes the minute rollups older than their retention at `now`; returns how many.
+    pub async fn prune_minute_rollups(&self, now: DateTime<Utc>) -> ServiceResult<u64> {
+        Ok(self.store.prune_minute_rollups(minute_cutoff(now)).await?)
+    }
+
+    /// Rollup sums over `[from, to)` (whole minutes) keeping the dimensions `by` names (the
+    /// bucket is not kept: rows of the range's pieces come back one after another, to be
+    /// summed by the caller).
+    async fn rollups_over(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        customer_id: Option<&str>,
+        by: Dims,
+    ) -> ServiceResult<Vec<(RollupKey, RollupTotals)>> {
+        if from >= to {
+            return Err(ServiceError::Invalid("from: must be before to".into()));
+        }
+        let pieces = Grain::cover(from, to)
+            .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
+        let cutoff = minute_cutoff(Utc::now());
+        if pieces
+            .iter()
+            .any(|(g, a, _)| *g == Grain::Minute && *a < cutoff)
+        {
+            return Err(minute_retention_error());
+        }
+        let by = Dims {
+            bucket: false,
+            ..by
+        };
+        let mut out = Vec::new();
+        for (g, a, b) in pieces {
+            out.extend(self.store.query_rollups(g, a, b, customer_id, by).await?);
+        }
+        Ok(out)
+    }
 }
 
 impl Fatura {
@@ -158,10 +227,14 @@ impl Fatura {
         group_by: Option<Dimension>,
         customer_id: Option<&str>,
     ) -> ServiceResult<Vec<Point>> {
-        check_range(grain, from, to)?;
+        check_range(grain, from, to, Utc::now())?;
+        let by = Dims {
+            bucket: true,
+            ..dims_of(group_by)
+        };
         let rows = self
             .store
-            .query_rollups(grain, from, to, customer_id)
+            .query_rollups(grain, from, to, customer_id, by)
             .await?;
         let mut sums: BTreeMap<(DateTime<Utc>, Option<String>), RollupTotals> = BTreeMap::new();
         for (k, t) in &rows {
@@ -187,15 +260,14 @@ impl Fatura {
         to: DateTime<Utc>,
         customer_id: Option<&str>,
     ) -> ServiceResult<Summary> {
-        if from >= to {
-            return Err(ServiceError::Invalid("from: must be before to".into()));
-        }
-        let grain = Grain::coarsest_aligned(from, to)
-            .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
-        let rows = self
-            .store
-            .query_rollups(grain, from, to, customer_id)
-            .await?;
+        let by = Dims {
+            customer: true,
+            provider: true,
+            model: true,
+            agent: true,
+            bucket: false,
+        };
+        let rows = self.rollups_over(from, to, customer_id, by).await?;
         let mut totals = RollupTotals::default();
         let dims = [
             Dimension::Model,
@@ -355,11 +427,9 @@ impl Fatura {
         if !matches!(group_by, Dimension::Agent | Dimension::Customer) {
             return Err(ServiceError::Invalid("group_by: agent or customer".into()));
         }
-        if from >= to {
-            return Err(ServiceError::Invalid("from: must be before to".into()));
-        }
-        let grain = Grain::coarsest_aligned(from, to)
-            .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
+        let spend = self
+            .rollups_over(from, to, customer_id, dims_of(Some(group_by)))
+            .await?;
         let snapshot = self.snapshot().await?;
         let mut rows: BTreeMap<String, RoiRow> = BTreeMap::new();
         for o in self.store.query_outcomes(from, to, customer_id).await? {
@@ -380,11 +450,7 @@ impl Fatura {
             r.outcomes += 1;
             r.value += usd;
         }
-        for (k, t) in self
-            .store
-            .query_rollups(grain, from, to, customer_id)
-            .await?
-        {
+        for (k, t) in spend {
             let name = group_by.of(&k).to_string();
             let r = rows.entry(name.clone()).or_insert_with(|| RoiRow {
                 name,
@@ -495,7 +561,16 @@ impl Fatura {
         }
         for (k, t) in self
             .store
-            .query_rollups(Grain::Day, from, to, Some(customer_id))
+            .query_rollups(
+                Grain::Day,
+                from,
+                to,
+                Some(customer_id),
+                Dims {
+                    bucket: true,
+                    ..Dims::default()
+                },
+            )
             .await?
         {
             if let Ok(i) = usize::try_from((k.bucket - from).num_days())
@@ -508,7 +583,9 @@ impl Fatura {
         Ok((rev, cost))
     }
 
-    /// Sum of revenue and cost over `[from, to)` at the coarsest grain that tiles it.
+    /// Sum of revenue and cost of a customer over `[from, to)` (whole minutes): from the
+    /// rollups, but minutes older than the minute rollups' retention (the ragged start of a
+    /// cycle in a zone with a half-hour offset) from the raw events.
     async fn totals_between(
         &self,
         customer_id: &str,
@@ -519,13 +596,24 @@ impl Fatura {
         if from >= to {
             return Ok(t);
         }
-        let grain = Grain::coarsest_aligned(from, to).unwrap_or(Grain::Minute);
-        for (_, r) in self
-            .store
-            .query_rollups(grain, from, to, Some(customer_id))
-            .await?
-        {
-            t.add(&r);
+        let pieces = Grain::cover(from, to)
+            .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
+        let cutoff = minute_cutoff(Utc::now());
+        for (g, a, b) in pieces {
+            if g == Grain::Minute && a < cutoff {
+                for e in self.store.customer_events(customer_id, a, b).await? {
+                    t.cost += e.cost.unwrap_or_default();
+                    t.revenue += e.revenue.unwrap_or_default();
+                }
+                continue;
+            }
+            for (_, r) in self
+                .store
+                .query_rollups(g, a, b, Some(customer_id), Dims::default())
+                .await?
+            {
+                t.add(&r);
+            }
         }
         Ok(t)
     }
@@ -721,17 +809,13 @@ impl Fatura {
         to: DateTime<Utc>,
         customer_id: Option<&str>,
     ) -> ServiceResult<Vec<Comparison>> {
-        if from >= to {
-            return Err(ServiceError::Invalid("from: must be before to".into()));
-        }
-        let grain = Grain::coarsest_aligned(from, to)
-            .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
         let mut usage: BTreeMap<(String, String), RollupTotals> = BTreeMap::new();
-        for (k, t) in self
-            .store
-            .query_rollups(grain, from, to, customer_id)
-            .await?
-        {
+        let by = Dims {
+            provider: true,
+            model: true,
+            ..Dims::default()
+        };
+        for (k, t) in self.rollups_over(from, to, customer_id, by).await? {
             usage.entry((k.provider, k.model)).or_default().add(&t);
         }
         let snapshot = self.snapshot().await?;
