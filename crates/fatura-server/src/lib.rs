@@ -16,6 +16,7 @@ pub mod payments;
 pub mod render;
 pub mod service;
 pub mod wallet;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -63,6 +64,10 @@ pub struct AppState {
     pub billing: service::BillingPolicy,
     /// Payment collection, when a processor is configured.
     pub payments: Option<Arc<payments::Collector>>,
+    /// Signed-in browsers (dashboard and portal).
+    pub sessions: Arc<web::Sessions>,
+    /// Turns true when the server starts shutting down (ends long-lived streams).
+    pub closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AppState {
@@ -78,6 +83,8 @@ impl AppState {
             gateway: None,
             billing: service::BillingPolicy::default(),
             payments: None,
+            sessions: Arc::new(web::Sessions::default()),
+            closing: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -305,19 +312,25 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(api::metrics))
         .route("/openapi.json", get(api::openapi))
         .layer(DefaultBodyLimit::max(DEFAULT_BODY_LIMIT));
-    Router::new()
+    let api = Router::new()
         .merge(events)
         .merge(import)
         .merge(gateway)
         .merge(rest)
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(120),
+        ));
+    // The web pages have no request timeout: the live feed is a long-lived stream (it ends
+    // when the server shuts down).
+    let web = web::router().layer(DefaultBodyLimit::max(DEFAULT_BODY_LIMIT));
+    Router::new()
+        .merge(api)
+        .merge(web)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             track_requests,
-        ))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(120),
         ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -330,6 +343,11 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let closing = state.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.send_replace(true);
+    };
     let app = router(state);
     // Small writes (SSE chunks, short JSON answers) go out at once, not after Nagle's delay.
     let listener = listener.tap_io(|tcp| {

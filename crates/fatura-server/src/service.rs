@@ -177,6 +177,44 @@ pub struct Fatura {
     /// Floor alerts this process already raised (raising is idempotent; this only spares
     /// the database a write per batch).
     raised_alerts: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Newly recorded events, for the dashboard's live feed (sent only while someone
+    /// listens; a slow listener misses events rather than slowing ingestion).
+    live: tokio::sync::broadcast::Sender<LiveCall>,
+}
+
+/// A newly recorded event as the live feed shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveCall {
+    /// Event id.
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// When the call happened.
+    pub timestamp: DateTime<Utc>,
+    /// Provider.
+    pub provider: String,
+    /// Model.
+    pub model: String,
+    /// The `agent` tag.
+    pub agent: Option<String>,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Upstream cost, USD (`None`: unpriced).
+    pub cost: Option<Decimal>,
+    /// Provisional price, USD.
+    pub price: Option<Decimal>,
+}
+
+impl LiveCall {
+    /// Gross margin of the call, (price − cost) / price.
+    pub fn margin(&self) -> Option<Decimal> {
+        match (self.cost, self.price) {
+            (Some(c), Some(p)) if !p.is_zero() => Some(((p - c) / p).round_dp(4)),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Fatura {
@@ -318,6 +356,41 @@ impl Fatura {
                 ..Default::default()
             })),
             raised_alerts: Default::default(),
+            live: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
+
+    /// Subscribes to newly recorded events (the live feed).
+    pub fn subscribe_live(&self) -> tokio::sync::broadcast::Receiver<LiveCall> {
+        self.live.subscribe()
+    }
+
+    fn publish_live(
+        &self,
+        prepared: &[PreparedEvent],
+        inserted: &std::collections::HashSet<String>,
+    ) {
+        if self.live.receiver_count() == 0 {
+            return;
+        }
+        for p in prepared
+            .iter()
+            .filter(|p| inserted.contains(p.event.id.as_str()))
+        {
+            let e = &p.event;
+            // A send fails only when every listener has gone: nothing to do.
+            let _ = self.live.send(LiveCall {
+                id: e.id.to_string(),
+                customer_id: e.customer_id.to_string(),
+                timestamp: e.timestamp,
+                provider: e.provider.clone(),
+                model: e.model.clone(),
+                agent: e.tags.get("agent").cloned(),
+                input_tokens: e.usage.input(),
+                output_tokens: e.usage.output(),
+                cost: p.pricing.as_ref().map(|x| x.cost),
+                price: p.pricing.as_ref().map(|x| x.revenue),
+            });
         }
     }
 
@@ -715,7 +788,9 @@ impl Fatura {
                     accepted,
                     duplicates,
                     unpriced,
+                    inserted,
                 }) => {
+                    self.publish_live(&prepared, &inserted);
                     self.raise_floor_alerts(hits, now).await;
                     return Ok(IngestOutcome {
                         accepted,

@@ -155,7 +155,7 @@ pub struct EventPricing {
 }
 
 /// What an insert did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InsertOutcome {
     /// Newly recorded events.
     pub accepted: u64,
@@ -163,6 +163,8 @@ pub struct InsertOutcome {
     pub duplicates: u64,
     /// Of the newly recorded events, those without a catalog price.
     pub unpriced: u64,
+    /// Ids of the newly recorded events.
+    pub inserted: HashSet<String>,
 }
 
 /// A price import to store, already planned against the catalog at `expected_revision`.

@@ -541,6 +541,7 @@ impl Store for PgStore {
             accepted: inserted.len() as u64,
             duplicates: leftovers.len() as u64,
             unpriced: unpriced as u64,
+            inserted,
         })
     }
 

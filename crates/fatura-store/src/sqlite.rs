@@ -548,6 +548,7 @@ impl Store for SqliteStore {
             accepted: inserted.len() as u64,
             duplicates: leftovers.len() as u64,
             unpriced: unpriced as u64,
+            inserted,
         })
     }
 
