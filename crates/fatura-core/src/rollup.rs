@@ -270,13 +270,47 @@ impl RollupTotals {
     pub fn tokens(&self) -> i64 {
         self.input_tokens + self.output_tokens
     }
+
+    /// Subtracts `o`.
+    pub fn sub(&mut self, o: &RollupTotals) {
+        self.events -= o.events;
+        self.requests -= o.requests;
+        self.input_tokens -= o.input_tokens;
+        self.output_tokens -= o.output_tokens;
+        self.cached_input_tokens -= o.cached_input_tokens;
+        self.cache_write_tokens -= o.cache_write_tokens;
+        self.reasoning_tokens -= o.reasoning_tokens;
+        self.unpriced_events -= o.unpriced_events;
+        self.cost -= o.cost;
+        self.revenue -= o.revenue;
+    }
+
+    /// True when every sum is zero.
+    pub fn is_zero(&self) -> bool {
+        self.events == 0
+            && self.requests == 0
+            && self.input_tokens == 0
+            && self.output_tokens == 0
+            && self.cached_input_tokens == 0
+            && self.cache_write_tokens == 0
+            && self.reasoning_tokens == 0
+            && self.unpriced_events == 0
+            && self.cost.is_zero()
+            && self.revenue.is_zero()
+    }
 }
+
+/// The `customer_id` of fleet rows: every customer and agent summed per bucket × provider ×
+/// model, so that fleet-wide series read a handful of rows per bucket. Customer ids are
+/// never empty, so fleet rows cannot be mistaken for a customer's.
+pub const FLEET: &str = "";
 
 /// Changes to apply to the rollup rows, one per key.
 pub type RollupDelta = BTreeMap<RollupKey, RollupTotals>;
 
 /// Adds one event's contribution `t` to `delta` at every grain (the minute grain only when
-/// the event's minute is not before `minute_since`, see [`minute_cutoff`]).
+/// the event's minute is not before `minute_since`, see [`minute_cutoff`]), to the
+/// customer's row and to the [`FLEET`] row.
 #[allow(clippy::too_many_arguments)]
 pub fn add_event(
     delta: &mut RollupDelta,
@@ -300,7 +334,13 @@ pub fn add_event(
             model: model.to_string(),
             agent: agent.unwrap_or_default().to_string(),
         };
+        let fleet = RollupKey {
+            customer_id: FLEET.to_string(),
+            agent: String::new(),
+            ..key.clone()
+        };
         delta.entry(key).or_default().add(t);
+        delta.entry(fleet).or_default().add(t);
     }
 }
 
@@ -391,7 +431,7 @@ mod tests {
         let at = Utc.with_ymd_and_hms(2026, 11, 24, 13, 47, 12).unwrap();
         add_event(&mut d, "c", "p", "m", Some("bot"), at, &t, at);
         add_event(&mut d, "c", "p", "m", Some("bot"), at, &t, at);
-        assert_eq!(d.len(), 4);
+        assert_eq!(d.len(), 8, "4 grains, customer and fleet rows");
         for v in d.values() {
             assert_eq!(v.events, 2);
             assert_eq!(v.tokens(), 30);
@@ -409,7 +449,8 @@ mod tests {
             &t,
             at + TimeDelta::minutes(1),
         );
-        assert_eq!(d.len(), 3);
+        assert_eq!(d.len(), 6);
         assert!(d.keys().all(|k| k.grain != Grain::Minute));
+        assert_eq!(d.keys().filter(|k| k.customer_id == FLEET).count(), 3);
     }
 }

@@ -696,8 +696,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<PaymentRecord>>;
     /// Remembers a webhook event id; false if it was seen before.
     async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool>;
-    /// Rollup rows of `grain` with `from <= bucket < to`, optionally of one customer, summed
-    /// in the database over the dimensions `by` does not keep.
+    /// Rollup rows of `grain` with `from <= bucket < to`, summed in the database over the
+    /// dimensions `by` does not keep: of one customer; or of every customer when `by` keeps
+    /// the customer or the agent; else the fleet rows (`customer_id` = [`fatura_core::rollup::FLEET`]).
     async fn query_rollups(
         &self,
         grain: fatura_core::rollup::Grain,

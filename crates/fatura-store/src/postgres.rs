@@ -1184,10 +1184,20 @@ impl Store for PgStore {
             crate::rollup_count_sums("::BIGINT")
         ));
         qb.push_bind(grain.as_str());
-        // Two shapes of query (not `customer_id = ? OR ? IS NULL`), so that the planner can use
-        // the (grain, customer_id, bucket) index for one customer.
-        if let Some(c) = customer_id {
-            qb.push(" AND customer_id = ").push_bind(c);
+        // One customer's rows; or, for all customers, the fleet rows when the answer keeps
+        // neither customer nor agent, else every customer's rows. Each shape can use the
+        // (grain, customer_id, bucket) index.
+        match customer_id {
+            Some("") => return Ok(Vec::new()),
+            Some(c) => {
+                qb.push(" AND customer_id = ").push_bind(c);
+            }
+            None if !by.customer && !by.agent => {
+                qb.push(" AND customer_id = ''");
+            }
+            None => {
+                qb.push(" AND customer_id <> ''");
+            }
         }
         qb.push(" AND bucket_us >= ")
             .push_bind(micros(from))

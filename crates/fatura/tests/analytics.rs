@@ -28,15 +28,24 @@ async fn stored_rollups(app: &TestApp) -> RollupDelta {
         Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).unwrap(),
         Utc.with_ymd_and_hms(2100, 1, 1, 0, 0, 0).unwrap(),
     );
+    // Every customer's rows, and the fleet rows.
+    let fleet = fatura_core::rollup::Dims {
+        bucket: true,
+        provider: true,
+        model: true,
+        ..Default::default()
+    };
     for g in Grain::ALL {
-        for (k, t) in app
-            .fatura
-            .store()
-            .query_rollups(g, from, to, None, fatura_core::rollup::Dims::ALL)
-            .await
-            .unwrap()
-        {
-            assert!(all.insert(k, t).is_none());
+        for by in [fatura_core::rollup::Dims::ALL, fleet] {
+            for (k, t) in app
+                .fatura
+                .store()
+                .query_rollups(g, from, to, None, by)
+                .await
+                .unwrap()
+            {
+                assert!(all.insert(k, t).is_none());
+            }
         }
     }
     all
@@ -300,11 +309,19 @@ async fn minute_rollups_are_kept_for_recent_events_only(backend: Backend) {
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let rows = stored_rollups(&app).await;
-    let minutes: Vec<_> = rows.keys().filter(|k| k.grain == Grain::Minute).collect();
+    let customer = |k: &&fatura_core::rollup::RollupKey| k.customer_id == "c1";
+    let minutes: Vec<_> = rows
+        .keys()
+        .filter(|k| k.grain == Grain::Minute)
+        .filter(customer)
+        .collect();
     assert_eq!(minutes.len(), 1, "only the recent event has a minute row");
     assert_eq!(minutes[0].bucket, recent);
     assert_eq!(
-        rows.keys().filter(|k| k.grain == Grain::Hour).count(),
+        rows.keys()
+            .filter(|k| k.grain == Grain::Hour)
+            .filter(customer)
+            .count(),
         2,
         "both have hour rows"
     );
@@ -322,6 +339,36 @@ async fn minute_rollups_are_kept_for_recent_events_only(backend: Backend) {
         .await;
     assert_eq!(s, StatusCode::OK, "{ts}");
     assert_eq!(ts["points"][0]["value"], "3.5", "{ts}");
+    // The month so far is read as the month's rows minus the rest of the month: an event
+    // dated later this month (a clock ahead) is subtracted exactly.
+    let month = Grain::Month.bucket(now);
+    let to = Grain::Minute.next(now);
+    let later = (to + chrono::Duration::hours(1))
+        .min(Grain::Month.next(now) - chrono::Duration::minutes(1));
+    let (s, body) = app
+        .post("/v1/events", &json!({"events": [call("later", later)]}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let expected = [recent, old, later]
+        .iter()
+        .filter(|t| **t >= month && **t < to)
+        .count();
+    let (s, sum) = app
+        .get(&format!(
+            "/v1/analytics/summary?from={}&to={}",
+            month.format("%Y-%m-%dT%H:%M:%SZ"),
+            to.format("%Y-%m-%dT%H:%M:%SZ")
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{sum}");
+    assert_eq!(sum["requests"], expected, "{sum}");
+    assert_eq!(
+        sum["cost"],
+        (rust_decimal::Decimal::new(35, 1) * rust_decimal::Decimal::from(expected))
+            .normalize()
+            .to_string(),
+        "{sum}"
+    );
     // Two days later the minute row is past its retention and pruned; the hour, day and
     // month rows stay, and still equal a recount.
     let pruned = app
@@ -329,7 +376,10 @@ async fn minute_rollups_are_kept_for_recent_events_only(backend: Backend) {
         .prune_minute_rollups(now + chrono::Duration::days(3))
         .await
         .unwrap();
-    assert_eq!(pruned, 1);
+    assert_eq!(
+        pruned, 4,
+        "the customer's and the fleet's minute rows of two events"
+    );
     let rows = stored_rollups(&app).await;
     assert!(rows.keys().all(|k| k.grain != Grain::Minute));
     let recount = app.fatura.store().recount_rollups().await.unwrap();

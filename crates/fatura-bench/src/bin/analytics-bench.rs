@@ -165,6 +165,14 @@ async fn main() -> anyhow::Result<()> {
             start += len;
         }
         let ingest = t.elapsed().as_secs_f64();
+        if let Some(name) = &pg {
+            // Rollup rows are updated in place by every batch: right after a bulk load the
+            // table carries dead row versions that autovacuum would have cleared in steady
+            // state. Clear them now, so that the queries below do not race autovacuum.
+            let base = &args.postgres_url[..args.postgres_url.rfind('/').context("bad url")?];
+            let mut conn = sqlx::PgConnection::connect(&format!("{base}/{name}")).await?;
+            sqlx::query("VACUUM ANALYZE").execute(&mut conn).await?;
+        }
         let (from, to) = last_month();
         // Baseline: the month's totals by scanning the raw events.
         let t = Instant::now();

@@ -181,9 +181,8 @@ impl Fatura {
         Ok(self.store.prune_minute_rollups(minute_cutoff(now)).await?)
     }
 
-    /// Rollup sums over `[from, to)` (whole minutes) keeping the dimensions `by` names (the
-    /// bucket is not kept: rows of the range's pieces come back one after another, to be
-    /// summed by the caller).
+    /// Rollup sums over `[from, to)` (whole minutes), one per combination of the dimensions
+    /// `by` keeps (the bucket is not kept), see [`plan_pieces`].
     async fn rollups_over(
         &self,
         from: DateTime<Utc>,
@@ -194,11 +193,13 @@ impl Fatura {
         if from >= to {
             return Err(ServiceError::Invalid("from: must be before to".into()));
         }
-        let pieces = Grain::cover(from, to)
+        let now = Utc::now();
+        let (add, subtract) = plan_pieces(from, to, now)
             .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
-        let cutoff = minute_cutoff(Utc::now());
-        if pieces
+        let cutoff = minute_cutoff(now);
+        if add
             .iter()
+            .chain(&subtract)
             .any(|(g, a, _)| *g == Grain::Minute && *a < cutoff)
         {
             return Err(minute_retention_error());
@@ -207,12 +208,42 @@ impl Fatura {
             bucket: false,
             ..by
         };
-        let mut out = Vec::new();
-        for (g, a, b) in pieces {
-            out.extend(self.store.query_rollups(g, a, b, customer_id, by).await?);
+        let mut sums: BTreeMap<RollupKey, RollupTotals> = BTreeMap::new();
+        for (g, a, b) in add {
+            for (k, t) in self.store.query_rollups(g, a, b, customer_id, by).await? {
+                sums.entry(k).or_default().add(&t);
+            }
         }
-        Ok(out)
+        for (g, a, b) in subtract {
+            for (k, t) in self.store.query_rollups(g, a, b, customer_id, by).await? {
+                sums.entry(k).or_default().sub(&t);
+            }
+        }
+        Ok(sums.into_iter().filter(|(_, t)| !t.is_zero()).collect())
     }
+}
+
+/// The pieces whose rollups sum to `[from, to)`: `(add, subtract)`. Usually
+/// [`Grain::cover`] with nothing to subtract; but a range that ends now (the month so far)
+/// is its whole month minus the rest of the month, which holds no events yet: a month row
+/// per series instead of a row per day, hour and minute so far.
+fn plan_pieces(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Option<(
+    Vec<fatura_core::rollup::Piece>,
+    Vec<fatura_core::rollup::Piece>,
+)> {
+    let pieces = Grain::cover(from, to)?;
+    let last = to - chrono::Duration::microseconds(1);
+    let (month, month_end) = (Grain::Month.bucket(last), Grain::Month.next(last));
+    if to < Grain::Minute.bucket(now) || month < from || month_end == to {
+        return Some((pieces, Vec::new()));
+    }
+    let mut add = Grain::cover(from, month)?;
+    add.push((Grain::Month, month, month_end));
+    Some((add, Grain::cover(to, month_end)?))
 }
 
 impl Fatura {
@@ -1027,5 +1058,39 @@ impl Fatura {
             .into_iter()
             .map(|(k, t)| (k.bucket, t))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn the_month_so_far_is_the_month_minus_its_rest() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 24, 13, 47, 12).unwrap();
+        let nov = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+        let dec = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
+        let to = Utc.with_ymd_and_hms(2026, 11, 24, 13, 48, 0).unwrap();
+        let (add, sub) = plan_pieces(nov, to, now).unwrap();
+        assert_eq!(add, vec![(Grain::Month, nov, dec)]);
+        assert_eq!(sub, Grain::cover(to, dec).unwrap());
+        // A range in the past, or starting inside the month: tiled, nothing subtracted.
+        let past = Utc.with_ymd_and_hms(2026, 11, 20, 0, 0, 0).unwrap();
+        assert_eq!(
+            plan_pieces(nov, past, now).unwrap(),
+            (Grain::cover(nov, past).unwrap(), vec![])
+        );
+        let mid = Utc.with_ymd_and_hms(2026, 11, 2, 0, 0, 0).unwrap();
+        assert_eq!(plan_pieces(mid, to, now).unwrap().1, vec![]);
+        // Several months ending now: whole earlier months added, this month's rest subtracted.
+        let sep = Utc.with_ymd_and_hms(2026, 9, 1, 0, 0, 0).unwrap();
+        let (add, sub) = plan_pieces(sep, to, now).unwrap();
+        assert_eq!(
+            add,
+            vec![(Grain::Month, sep, nov), (Grain::Month, nov, dec)]
+        );
+        assert_eq!(sub, Grain::cover(to, dec).unwrap());
     }
 }

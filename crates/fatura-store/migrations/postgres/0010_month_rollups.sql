@@ -15,3 +15,13 @@ SELECT 'month',
 FROM rollups
 WHERE grain = 'day'
 GROUP BY 2, customer_id, provider, model, agent;
+
+-- Fleet rows (customer_id '' and agent ''): every customer and agent summed per grain x
+-- bucket x provider x model, for fleet-wide series. Customer ids are never empty.
+INSERT INTO rollups
+SELECT grain, bucket_us, '', provider, model, '',
+       SUM(events), SUM(requests), SUM(input_tokens), SUM(output_tokens),
+       SUM(cached_input_tokens), SUM(cache_write_tokens), SUM(reasoning_tokens),
+       SUM(unpriced_events), SUM(cost), SUM(revenue)
+FROM rollups
+GROUP BY grain, bucket_us, provider, model;

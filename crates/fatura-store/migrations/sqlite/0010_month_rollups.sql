@@ -51,3 +51,26 @@ FROM (
     WHERE grain = 'day'
     GROUP BY 1, customer_id, provider, model, agent
 );
+
+-- Fleet rows (customer_id '' and agent ''): every customer and agent summed per grain x
+-- bucket x provider x model, for fleet-wide series. Customer ids are never empty.
+INSERT INTO rollups
+SELECT grain, bucket_us, '', provider, model, '', events, requests, input_tokens,
+       output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, unpriced_events,
+       cost_units + (cost_hi + cost_lo / 1000000000) / 1000000000,
+       ((cost_hi + cost_lo / 1000000000) % 1000000000) * 1000000000 + cost_lo % 1000000000,
+       revenue_units + (revenue_hi + revenue_lo / 1000000000) / 1000000000,
+       ((revenue_hi + revenue_lo / 1000000000) % 1000000000) * 1000000000 + revenue_lo % 1000000000
+FROM (
+    SELECT grain, bucket_us, provider, model,
+           SUM(events) AS events, SUM(requests) AS requests, SUM(input_tokens) AS input_tokens,
+           SUM(output_tokens) AS output_tokens, SUM(cached_input_tokens) AS cached_input_tokens,
+           SUM(cache_write_tokens) AS cache_write_tokens, SUM(reasoning_tokens) AS reasoning_tokens,
+           SUM(unpriced_events) AS unpriced_events,
+           SUM(cost_units) AS cost_units, SUM(cost_atto / 1000000000) AS cost_hi,
+           SUM(cost_atto % 1000000000) AS cost_lo,
+           SUM(revenue_units) AS revenue_units, SUM(revenue_atto / 1000000000) AS revenue_hi,
+           SUM(revenue_atto % 1000000000) AS revenue_lo
+    FROM rollups
+    GROUP BY grain, bucket_us, provider, model
+);
