@@ -1,11 +1,13 @@
 //! Analytics query latency over rollups, on SQLite and PostgreSQL.
 //!
-//! Records `--events` events (default 10M) in arrival order over last month (UTC) across `--customers`
-//! customers, 4 models and 3 agents through `record_events` (which maintains the rollups),
-//! then measures, `--reps` times each: the month's summary (all customers), the month's
-//! daily revenue series (all customers, grouped by model), and one customer's hourly series.
-//! The baseline, in the same run, is the month's usage computed by scanning the raw events
-//! (`GET /v1/usage`'s path).
+//! Records `--events` events (default 10M) in arrival order over the 30 days to now, across
+//! `--customers` customers, 4 models and 3 agents, through `record_events` (which maintains
+//! the rollups), then measures, `--reps` times each: the month-so-far summary (all
+//! customers, what the dashboard's overview asks), the 30-day summary, the 30-day daily
+//! revenue series by model (all customers), one customer's 30-day hourly series, and three
+//! dashboard pages over HTTP. The baseline, in the same run, is the 30 days' usage computed
+//! by scanning the raw events (`GET /v1/usage`'s path); the bench fails if it disagrees with
+//! the rollup summary.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Timelike, TimeZone, Utc};
 use clap::Parser;
 use fatura_bench::{fixtures, quantile};
 use fatura_core::import::CatalogFormat;
@@ -50,14 +52,14 @@ struct Args {
     postgres_url: String,
 }
 
-/// Last month: `[start, end)`.
-fn last_month() -> (DateTime<Utc>, DateTime<Utc>) {
-    let end = Grain::Month.bucket(Utc::now());
-    (Grain::Month.bucket(end - chrono::Duration::days(1)), end)
+/// The 30 days to the end of the current minute: `[start, end)` (whole hours at the start).
+fn window() -> (DateTime<Utc>, DateTime<Utc>) {
+    let end = Grain::Minute.next(Utc::now());
+    (Grain::Hour.bucket(end) - chrono::Duration::days(30), end)
 }
 
 fn batch(start: u64, len: u64, customers: u64, total: u64) -> Vec<(usize, UsageEvent)> {
-    let (month, end) = last_month();
+    let (month, end) = window();
     let span = (end - month).num_seconds() as u64;
     (0..len)
         .map(|i| {
@@ -88,6 +90,74 @@ fn batch(start: u64, len: u64, customers: u64, total: u64) -> Vec<(usize, UsageE
         .collect()
 }
 
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+const ADMIN_KEY: &str = "analytics-bench-admin-key";
+
+/// The web dashboard on loopback, with an operator session.
+struct Pages {
+    base: String,
+    cookie: String,
+    client: reqwest::Client,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Pages {
+    async fn start(fatura: Arc<Fatura>) -> anyhow::Result<Pages> {
+        let state = fatura_server::AppState::new(fatura, ADMIN_KEY);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(async move {
+            let _ = fatura_server::serve(listener, state, std::future::pending()).await;
+        });
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        // Sign in as a browser does: the form's token is also in a cookie.
+        let login = client.get(format!("{base}/login")).send().await?;
+        let csrf = set_cookie(&login, "fatura_login_csrf").context("no sign-in token")?;
+        let signed = client
+            .post(format!("{base}/login"))
+            .header("cookie", format!("fatura_login_csrf={csrf}"))
+            .form(&[("key", ADMIN_KEY), ("csrf", csrf.as_str())])
+            .send()
+            .await?;
+        let session = set_cookie(&signed, "fatura_session").context("sign-in failed")?;
+        Ok(Pages {
+            base,
+            cookie: format!("fatura_session={session}"),
+            client,
+            _server: server,
+        })
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<()> {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("{path}: {}", r.status());
+        }
+        r.bytes().await?;
+        Ok(())
+    }
+}
+
+fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next()?.split_once('='))
+        .find(|(k, v)| *k == name && !v.is_empty())
+        .map(|(_, v)| v.to_string())
+}
+
 fn ms(samples: &mut [f64]) -> (f64, f64) {
     samples.sort_by(|a, b| a.total_cmp(b));
     (quantile(samples, 0.5), quantile(samples, 0.99))
@@ -96,7 +166,7 @@ fn ms(samples: &mut [f64]) -> (f64, f64) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut table = Vec::new();
+    let (mut table, mut pages_table) = (Vec::new(), Vec::new());
     for backend in args.backends.split(',').map(str::trim) {
         let dir = tempfile::tempdir()?;
         let (url, pg) = match backend {
@@ -173,8 +243,9 @@ async fn main() -> anyhow::Result<()> {
             let mut conn = sqlx::PgConnection::connect(&format!("{base}/{name}")).await?;
             sqlx::query("VACUUM ANALYZE").execute(&mut conn).await?;
         }
-        let (from, to) = last_month();
-        // Baseline: the month's totals by scanning the raw events.
+        let (from, to) = window();
+        let month = Grain::Month.bucket(Utc::now());
+        // Baseline: the window's totals by scanning the raw events.
         let t = Instant::now();
         let filter = fatura_store::UsageFilter {
             from: Some(from),
@@ -183,29 +254,46 @@ async fn main() -> anyhow::Result<()> {
         };
         let raw = fatura.usage(&filter, Vec::new()).await?;
         let scan_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let (mut sum_ms, mut daily_ms, mut hourly_ms) = (Vec::new(), Vec::new(), Vec::new());
+        // The dashboard, served by the same binary, signed in as the operator.
+        let pages = Pages::start(fatura.clone()).await?;
+        let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut summary = None;
         for _ in 0..args.reps {
             let t = Instant::now();
+            fatura.summary(month, to, None).await?;
+            samples.entry("mtd").or_default().push(ms_since(t));
+            let t = Instant::now();
             summary = Some(fatura.summary(from, to, None).await?);
-            sum_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            samples.entry("window").or_default().push(ms_since(t));
             let t = Instant::now();
             fatura
                 .timeseries(
                     Metric::Revenue,
                     Grain::Day,
-                    from,
-                    to,
+                    from - chrono::Duration::hours(i64::from(from.hour())),
+                    Grain::Day.next(to),
                     Some(Dimension::Model),
                     None,
                 )
                 .await?;
-            daily_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            samples.entry("daily").or_default().push(ms_since(t));
             let t = Instant::now();
             fatura
-                .timeseries(Metric::Revenue, Grain::Hour, from, to, None, Some("cus-1"))
+                .timeseries(
+                    Metric::Revenue,
+                    Grain::Hour,
+                    from,
+                    Grain::Hour.next(to),
+                    None,
+                    Some("cus-1"),
+                )
                 .await?;
-            hourly_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            samples.entry("hourly").or_default().push(ms_since(t));
+            for page in ["/dashboard", "/dashboard/customers", "/dashboard/models"] {
+                let t = Instant::now();
+                pages.get(page).await?;
+                samples.entry(page).or_default().push(ms_since(t));
+            }
         }
         // Rollups and the raw scan must agree.
         let s = summary.unwrap();
@@ -217,14 +305,30 @@ async fn main() -> anyhow::Result<()> {
                 r
             );
         }
-        let (s50, s99) = ms(&mut sum_ms);
-        let (d50, d99) = ms(&mut daily_ms);
-        let (h50, h99) = ms(&mut hourly_ms);
+        let cell = |k: &str, samples: &mut BTreeMap<&str, Vec<f64>>| {
+            let (p50, p99) = ms(samples.get_mut(k).map(Vec::as_mut_slice).unwrap_or_default());
+            format!("{p50:.1} / {p99:.1}")
+        };
+        let window_p50 = {
+            let v = samples.get_mut("window").unwrap();
+            ms(v).0
+        };
         table.push(format!(
-            "| {backend} | {} | {:.0} | {scan_ms:.0} | {s50:.1} / {s99:.1} | {d50:.1} / {d99:.1} | {h50:.1} / {h99:.1} | {:.0}× |",
+            "| {backend} | {} | {:.0} | {scan_ms:.0} | {} | {} | {} | {} | {:.0}× |",
             args.events,
             args.events as f64 / ingest,
-            scan_ms / s50
+            cell("mtd", &mut samples),
+            cell("window", &mut samples),
+            cell("daily", &mut samples),
+            cell("hourly", &mut samples),
+            scan_ms / window_p50
+        ));
+        pages_table.push(format!(
+            "| {backend} | {} | {} | {} | {} |",
+            args.events,
+            cell("/dashboard", &mut samples),
+            cell("/dashboard/customers", &mut samples),
+            cell("/dashboard/models", &mut samples),
         ));
         drop(fatura);
         if let Some(name) = pg {
@@ -235,16 +339,21 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "{} customers, 4 models, 3 agents, events spread over {}; {} repetitions per query",
-        args.customers,
-        last_month().0.format("%B %Y"),
-        args.reps
+        "{} customers, 4 models, 3 agents, events spread over the 30 days to now; {} repetitions per query",
+        args.customers, args.reps
     );
     println!(
-        "| backend | events | ingest events/s | baseline: month scan of raw events, ms | summary p50 / p99 ms | daily series by model p50 / p99 ms | one customer's hourly series p50 / p99 ms | scan / summary p50 |"
+        "| backend | events | ingest events/s | baseline: 30-day scan of raw events, ms | month-so-far summary p50 / p99 ms | 30-day summary p50 / p99 ms | 30-day daily series by model p50 / p99 ms | one customer's 30-day hourly series p50 / p99 ms | scan / 30-day summary p50 |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in table {
+        println!("{r}");
+    }
+    println!();
+    println!("Dashboard pages over HTTP (server render + loopback), signed in as the operator:");
+    println!("| backend | events | overview p50 / p99 ms | customers p50 / p99 ms | models & providers p50 / p99 ms |");
+    println!("|---|---|---|---|---|");
+    for r in pages_table {
         println!("{r}");
     }
     Ok(())
