@@ -152,6 +152,113 @@ fn cover_into(grains: &[Grain], from: DateTime<Utc>, to: DateTime<Utc>, out: &mu
     }
 }
 
+/// Pieces whose rollups, added and subtracted, sum to exactly `[from, to)`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SignedCover {
+    /// Pieces to add.
+    pub add: Vec<Piece>,
+    /// Pieces to subtract.
+    pub sub: Vec<Piece>,
+}
+
+impl SignedCover {
+    /// The cheapest way found to read `[from, to)` (whole minutes; `None` otherwise) from
+    /// rollups, counting the buckets read before `now` (later buckets hold no events yet, or
+    /// very few): at each grain, each edge of the range is either filled up to the next
+    /// bucket boundary with finer pieces, or rounded out to the boundary before it and the
+    /// excess subtracted. The month so far becomes the month's rows minus its (empty) rest;
+    /// "the last 30 days" from 07:00 becomes whole days minus seven hours.
+    pub fn plan(from: DateTime<Utc>, to: DateTime<Utc>, now: DateTime<Utc>) -> Option<SignedCover> {
+        if !Grain::Minute.aligned(from) || !Grain::Minute.aligned(to) {
+            return None;
+        }
+        Some(best_cover(&Grain::ALL, from, to, now).1)
+    }
+
+    fn flipped(self) -> SignedCover {
+        SignedCover {
+            add: self.sub,
+            sub: self.add,
+        }
+    }
+
+    fn join(mut self, mid: Piece, other: [SignedCover; 2]) -> SignedCover {
+        self.add.push(mid);
+        for o in other {
+            self.add.extend(o.add);
+            self.sub.extend(o.sub);
+        }
+        self
+    }
+}
+
+/// The cost of reading a piece: buckets before `now` (about one row per series each), plus
+/// one for the query.
+fn piece_cost(g: Grain, a: DateTime<Utc>, b: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
+    let end = b.min(g.next(now));
+    let past = if a < end {
+        g.buckets_between(a, end)
+    } else {
+        0
+    };
+    4 * past + 1
+}
+
+/// [`SignedCover::plan`] over `grains` (finest first); `(cost, cover)`.
+fn best_cover(
+    grains: &[Grain],
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> (i64, SignedCover) {
+    if from >= to {
+        return (0, SignedCover::default());
+    }
+    let Some((&g, finer)) = grains.split_last() else {
+        return (0, SignedCover::default());
+    };
+    if finer.is_empty() {
+        // The finest grain tiles any whole-minute range.
+        let cover = SignedCover {
+            add: vec![(g, from, to)],
+            sub: Vec::new(),
+        };
+        return (piece_cost(g, from, to, now), cover);
+    }
+    let mut best = best_cover(finer, from, to, now);
+    let up = |t: DateTime<Utc>| if g.aligned(t) { t } else { g.next(t) };
+    let heads = [up(from), g.bucket(from)];
+    let tails = [g.bucket(to), up(to)];
+    for (i, &a) in heads.iter().enumerate() {
+        if i == 1 && a == heads[0] {
+            continue;
+        }
+        for (j, &b) in tails.iter().enumerate() {
+            if (j == 1 && b == tails[0]) || a >= b {
+                continue;
+            }
+            // Head: fill [from, a), or subtract [a, from) when rounded out.
+            let (hc, head) = if a >= from {
+                best_cover(finer, from, a, now)
+            } else {
+                let (c, s) = best_cover(finer, a, from, now);
+                (c, s.flipped())
+            };
+            let (tc, tail) = if b <= to {
+                best_cover(finer, b, to, now)
+            } else {
+                let (c, s) = best_cover(finer, to, b, now);
+                (c, s.flipped())
+            };
+            let cost = piece_cost(g, a, b, now) + hc + tc;
+            if cost < best.0 {
+                best = (cost, SignedCover::default().join((g, a, b), [head, tail]));
+            }
+        }
+    }
+    best
+}
+
 /// Which dimensions a rollup query keeps; the others are summed over (and come back empty,
 /// with the bucket set to the query's `from`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -421,6 +528,61 @@ mod tests {
             minute_cutoff(t),
             Utc.with_ymd_and_hms(2026, 12, 22, 13, 0, 0).unwrap()
         );
+    }
+
+    /// How many times the signed cover counts instant `t`.
+    fn count(c: &SignedCover, t: DateTime<Utc>) -> i64 {
+        let n = |v: &Vec<Piece>| v.iter().filter(|(_, a, b)| *a <= t && t < *b).count() as i64;
+        n(&c.add) - n(&c.sub)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn signed_covers_count_every_instant_of_the_range_once(
+            from_min in 0i64..200_000,
+            len_min in 1i64..200_000,
+            now_min in 0i64..300_000,
+            probes in proptest::collection::vec(0i64..400_000 * 60, 50),
+        ) {
+            let base = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+            let from = base + TimeDelta::minutes(from_min);
+            let to = from + TimeDelta::minutes(len_min);
+            let now = base + TimeDelta::minutes(now_min);
+            let c = SignedCover::plan(from, to, now).unwrap();
+            let edges = [from_min * 60, (from_min + len_min) * 60 - 1, (from_min + len_min) * 60];
+            for p in probes.iter().chain(&edges) {
+                let t = base + TimeDelta::seconds(*p);
+                let inside = i64::from(from <= t && t < to);
+                proptest::prop_assert_eq!(count(&c, t), inside, "{:?} at {}", c, t);
+            }
+            for (g, a, b) in c.add.iter().chain(&c.sub) {
+                proptest::prop_assert!(g.aligned(*a) && g.aligned(*b) && a < b);
+            }
+        }
+    }
+
+    #[test]
+    fn signed_covers_read_few_past_buckets() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 24, 13, 47, 12).unwrap();
+        let nov = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+        let dec = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
+        let to = Utc.with_ymd_and_hms(2026, 11, 24, 13, 48, 0).unwrap();
+        // The month so far: the month's rows, minus the rest of the month (all future).
+        let c = SignedCover::plan(nov, to, now).unwrap();
+        assert_eq!(c.add, vec![(Grain::Month, nov, dec)]);
+        assert!(c.sub.iter().all(|(_, a, _)| *a >= to), "{c:?}");
+        // 30 days from 07:00: whole days, minus the seven hours before 07:00 of the first.
+        let from = Utc.with_ymd_and_hms(2026, 10, 25, 7, 0, 0).unwrap();
+        let c = SignedCover::plan(from, to, now).unwrap();
+        let oct25 = Utc.with_ymd_and_hms(2026, 10, 25, 0, 0, 0).unwrap();
+        assert!(c.sub.contains(&(Grain::Hour, oct25, from)), "{c:?}");
+        assert!(c.add.contains(&(Grain::Month, nov, dec)), "{c:?}");
+        // A closed month: its one row per series.
+        let oct = Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap();
+        let c = SignedCover::plan(oct, nov, now).unwrap();
+        assert_eq!(c.add, vec![(Grain::Month, oct, nov)]);
+        assert!(c.sub.is_empty());
+        assert!(SignedCover::plan(oct + TimeDelta::seconds(1), nov, now).is_none());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use fatura_core::rollup::{Dims, Grain, MINUTE_RETENTION, RollupKey, RollupTotals, minute_cutoff};
+use fatura_core::rollup::{
+    Dims, Grain, MINUTE_RETENTION, RollupKey, RollupTotals, SignedCover, minute_cutoff,
+};
 use rust_decimal::Decimal;
 
 use super::{Fatura, ServiceError, ServiceResult};
@@ -182,7 +184,7 @@ impl Fatura {
     }
 
     /// Rollup sums over `[from, to)` (whole minutes), one per combination of the dimensions
-    /// `by` keeps (the bucket is not kept), see [`plan_pieces`].
+    /// `by` keeps (the bucket is not kept), read as [`SignedCover::plan`] says.
     async fn rollups_over(
         &self,
         from: DateTime<Utc>,
@@ -194,7 +196,7 @@ impl Fatura {
             return Err(ServiceError::Invalid("from: must be before to".into()));
         }
         let now = Utc::now();
-        let (add, subtract) = plan_pieces(from, to, now)
+        let SignedCover { add, sub: subtract } = SignedCover::plan(from, to, now)
             .ok_or_else(|| ServiceError::Invalid("from, to: must be whole minutes (UTC)".into()))?;
         let cutoff = minute_cutoff(now);
         if add
@@ -221,29 +223,6 @@ impl Fatura {
         }
         Ok(sums.into_iter().filter(|(_, t)| !t.is_zero()).collect())
     }
-}
-
-/// The pieces whose rollups sum to `[from, to)`: `(add, subtract)`. Usually
-/// [`Grain::cover`] with nothing to subtract; but a range that ends now (the month so far)
-/// is its whole month minus the rest of the month, which holds no events yet: a month row
-/// per series instead of a row per day, hour and minute so far.
-fn plan_pieces(
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> Option<(
-    Vec<fatura_core::rollup::Piece>,
-    Vec<fatura_core::rollup::Piece>,
-)> {
-    let pieces = Grain::cover(from, to)?;
-    let last = to - chrono::Duration::microseconds(1);
-    let (month, month_end) = (Grain::Month.bucket(last), Grain::Month.next(last));
-    if to < Grain::Minute.bucket(now) || month < from || month_end == to {
-        return Some((pieces, Vec::new()));
-    }
-    let mut add = Grain::cover(from, month)?;
-    add.push((Grain::Month, month, month_end));
-    Some((add, Grain::cover(to, month_end)?))
 }
 
 impl Fatura {
@@ -1058,39 +1037,5 @@ impl Fatura {
             .into_iter()
             .map(|(k, t)| (k.bucket, t))
             .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use chrono::TimeZone;
-
-    #[test]
-    fn the_month_so_far_is_the_month_minus_its_rest() {
-        let now = Utc.with_ymd_and_hms(2026, 11, 24, 13, 47, 12).unwrap();
-        let nov = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
-        let dec = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
-        let to = Utc.with_ymd_and_hms(2026, 11, 24, 13, 48, 0).unwrap();
-        let (add, sub) = plan_pieces(nov, to, now).unwrap();
-        assert_eq!(add, vec![(Grain::Month, nov, dec)]);
-        assert_eq!(sub, Grain::cover(to, dec).unwrap());
-        // A range in the past, or starting inside the month: tiled, nothing subtracted.
-        let past = Utc.with_ymd_and_hms(2026, 11, 20, 0, 0, 0).unwrap();
-        assert_eq!(
-            plan_pieces(nov, past, now).unwrap(),
-            (Grain::cover(nov, past).unwrap(), vec![])
-        );
-        let mid = Utc.with_ymd_and_hms(2026, 11, 2, 0, 0, 0).unwrap();
-        assert_eq!(plan_pieces(mid, to, now).unwrap().1, vec![]);
-        // Several months ending now: whole earlier months added, this month's rest subtracted.
-        let sep = Utc.with_ymd_and_hms(2026, 9, 1, 0, 0, 0).unwrap();
-        let (add, sub) = plan_pieces(sep, to, now).unwrap();
-        assert_eq!(
-            add,
-            vec![(Grain::Month, sep, nov), (Grain::Month, nov, dec)]
-        );
-        assert_eq!(sub, Grain::cover(to, dec).unwrap());
     }
 }
