@@ -68,6 +68,8 @@ pub struct AppState {
     pub sessions: Arc<web::Sessions>,
     /// Turns true when the server starts shutting down (ends long-lived streams).
     pub closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// This process's name among instances sharing a database (random per start).
+    pub instance_id: Arc<str>,
 }
 
 impl AppState {
@@ -85,6 +87,7 @@ impl AppState {
             payments: None,
             sessions: Arc::new(web::Sessions::default()),
             closing: Arc::new(tokio::sync::watch::channel(false).0),
+            instance_id: Arc::from(format!("fatura-{:016x}", rand::random::<u64>())),
         }
     }
 

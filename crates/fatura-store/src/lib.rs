@@ -694,6 +694,17 @@ pub trait Store: Send + Sync + 'static {
         customer_id: &str,
         invoice_id: Option<&str>,
     ) -> StoreResult<Vec<PaymentRecord>>;
+    /// Takes or renews the lease `name` for `owner` until `until`: true when `owner` holds
+    /// it now (it was free, had run out before `now`, or was already `owner`'s).
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Gives the lease up if `owner` holds it.
+    async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<()>;
     /// Remembers a webhook event id; false if it was seen before.
     async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool>;
     /// Rollup rows of `grain` with `from <= bucket < to`, summed in the database over the

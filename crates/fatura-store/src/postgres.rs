@@ -1509,6 +1509,35 @@ impl Store for PgStore {
         .collect()
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        // One statement: taken when free, run out, or already ours; else nothing changes.
+        let res = sqlx::query(
+            "INSERT INTO job_leases (name, owner, lease_until_us) VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, lease_until_us = excluded.lease_until_us WHERE job_leases.owner = excluded.owner OR job_leases.lease_until_us < $4",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(micros(until))
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE job_leases SET lease_until_us = 0 WHERE name = $1 AND owner = $2")
+            .bind(name)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool> {
         let res = sqlx::query(
             "INSERT INTO webhook_events (id, type, received_at_us) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",

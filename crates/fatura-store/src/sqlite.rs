@@ -1523,6 +1523,35 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        // One statement: taken when free, run out, or already ours; else nothing changes.
+        let res = sqlx::query(
+            "INSERT INTO job_leases (name, owner, lease_until_us) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, lease_until_us = excluded.lease_until_us WHERE job_leases.owner = excluded.owner OR job_leases.lease_until_us < ?",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(micros(until))
+        .bind(micros(now))
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE job_leases SET lease_until_us = 0 WHERE name = ? AND owner = ?")
+            .bind(name)
+            .bind(owner)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
     async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool> {
         let res = sqlx::query(
             "INSERT INTO webhook_events (id, type, received_at_us) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",

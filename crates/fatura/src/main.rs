@@ -2,6 +2,7 @@
 //! in the library crates.
 
 mod config;
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,7 +33,8 @@ struct GlobalArgs {
     /// Configuration file (TOML). Environment variables override it; flags override both.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Database URL: sqlite://PATH (default sqlite://fatura.db) or postgres://USER@HOST/DB.
+    /// Database URL: sqlite://PATH (default sqlite://fatura.db; for `demo`,
+    /// sqlite://fatura-demo.db) or postgres://USER@HOST/DB.
     #[arg(long, global = true, value_name = "URL")]
     database: Option<String>,
 }
@@ -45,6 +47,11 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
     },
+    /// Start fatura, alive, for a first look: a local SQLite file with seeded customers
+    /// (USD and BRL, prepaid and postpaid), plans with tiers, the price catalog shipped
+    /// with fatura, months of back-filled history, and live calls through the gateway to
+    /// an in-process mock upstream. Prints the dashboard URL and the admin key.
+    Demo(demo::DemoArgs),
     /// Apply database migrations and exit.
     Migrate,
     /// Run a mock LLM upstream (OpenAI/OpenRouter wire format, streaming included) for
@@ -226,10 +233,10 @@ enum PricesCommand {
     },
 }
 
-fn init_tracing() {
+fn init_tracing(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
     let filter =
-        EnvFilter::try_from_env("FATURA_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+        EnvFilter::try_from_env("FATURA_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -281,6 +288,101 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received: finishing in-flight requests");
 }
 
+/// A bound server whose state is built as `fatura serve` builds it (payments when Stripe is
+/// configured, the gateway and its metering writer when a gateway is given); run it with
+/// [`Server::run`].
+struct Server {
+    state: fatura_server::AppState,
+    listener: TcpListener,
+    addr: std::net::SocketAddr,
+    writer: Option<fatura_server::gateway::MeterWriter>,
+    billing_every: Option<std::time::Duration>,
+    database: String,
+}
+
+/// Binds `config.listen` and builds the server's state (`serve` and `demo` share it).
+async fn build_server(
+    config: &Config,
+    admin_key: &str,
+    fatura: Arc<Fatura>,
+    gateway: Option<fatura_server::gateway::GatewayConfig>,
+) -> anyhow::Result<Server> {
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let mut state = fatura_server::AppState::new(fatura.clone(), admin_key).with_billing(
+        fatura_server::service::BillingPolicy {
+            grace: config.billing_grace,
+        },
+    );
+    if let Some(stripe) = config.stripe.clone() {
+        state = state.with_payments(
+            Arc::new(fatura_server::payments::StripeProcessor::new(
+                &stripe.api_base,
+                &stripe.api_key,
+                &stripe.webhook_secret,
+            )),
+            stripe.policy,
+        );
+    }
+    let mut writer = None;
+    if let Some(gw) = gateway {
+        let (meter, w) =
+            fatura_server::gateway::Meter::start(fatura.clone(), &gw, state.metrics.clone());
+        let gateway = fatura_server::gateway::Gateway::new(gw, meter, |v| std::env::var(v).ok())
+            .map_err(anyhow::Error::msg)?;
+        state = state.with_gateway(Arc::new(gateway));
+        writer = Some(w);
+    }
+    Ok(Server {
+        state,
+        listener,
+        addr,
+        writer,
+        billing_every: config.billing_every,
+        database: redact_url(&config.database_url),
+    })
+}
+
+impl Server {
+    /// Serves until `shutdown` resolves (with the billing scheduler), then finishes
+    /// in-flight requests and drains the metering queue.
+    async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Server {
+            state,
+            listener,
+            addr,
+            writer,
+            billing_every,
+            database,
+        } = self;
+        tracing::info!(%addr, %database, gateway = writer.is_some(), "fatura listening");
+        let scheduler = billing_every.map(|every| {
+            tokio::spawn(fatura_server::api::invoices::scheduler(
+                state.clone(),
+                every,
+            ))
+        });
+        // Not the state: it holds the metering queue, which must close for the drain below.
+        let (fatura, instance_id) = (state.fatura.clone(), state.instance_id.clone());
+        fatura_server::serve(listener, state, shutdown).await?;
+        if let Some(s) = scheduler {
+            s.abort();
+            fatura_server::api::invoices::release_scheduler_lease(&fatura, &instance_id).await;
+        }
+        if let Some(w) = writer {
+            // The server (and with it every handle on the queue) is gone: drain it.
+            w.finish().await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
 fn parse_instant(s: &str) -> anyhow::Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
@@ -290,66 +392,29 @@ fn parse_instant(s: &str) -> anyhow::Result<DateTime<Utc>> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let listen = match &cli.command {
         Command::Serve { listen } => listen.clone(),
+        Command::Demo(args) => args.listen.clone(),
         _ => None,
     };
-    let config = Config::load(
-        cli.global.config.as_deref(),
-        listen,
-        cli.global.database.clone(),
-    )?;
+    let database = match &cli.command {
+        // The demo writes demo data: only an explicit --database sends it elsewhere than
+        // its own file (never to the database FATURA_DATABASE_URL or the config names).
+        Command::Demo(_) => Some(
+            cli.global
+                .database
+                .clone()
+                .unwrap_or_else(|| demo::DEFAULT_DATABASE_URL.to_string()),
+        ),
+        _ => cli.global.database.clone(),
+    };
+    let config = Config::load(cli.global.config.as_deref(), listen, database)?;
     match cli.command {
         Command::Serve { .. } => {
             let admin_key = config.require_admin_key()?.to_string();
             let fatura = open(&config).await?;
-            let listener = TcpListener::bind(&config.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.listen))?;
-            let addr = listener.local_addr()?;
-            let mut state = fatura_server::AppState::new(fatura.clone(), &admin_key).with_billing(
-                fatura_server::service::BillingPolicy {
-                    grace: config.billing_grace,
-                },
-            );
-            if let Some(stripe) = config.stripe.clone() {
-                state = state.with_payments(
-                    Arc::new(fatura_server::payments::StripeProcessor::new(
-                        &stripe.api_base,
-                        &stripe.api_key,
-                        &stripe.webhook_secret,
-                    )),
-                    stripe.policy,
-                );
-            }
-            let mut writer = None;
-            if let Some(gw) = config.gateway.clone() {
-                let (meter, w) = fatura_server::gateway::Meter::start(
-                    fatura.clone(),
-                    &gw,
-                    state.metrics.clone(),
-                );
-                let gateway =
-                    fatura_server::gateway::Gateway::new(gw, meter, |v| std::env::var(v).ok())
-                        .map_err(anyhow::Error::msg)?;
-                state = state.with_gateway(Arc::new(gateway));
-                writer = Some(w);
-            }
-            tracing::info!(%addr, database = %redact_url(&config.database_url), gateway = writer.is_some(), "fatura listening");
-            let scheduler = config.billing_every.map(|every| {
-                tokio::spawn(fatura_server::api::invoices::scheduler(
-                    state.clone(),
-                    every,
-                ))
-            });
-            fatura_server::serve(listener, state, shutdown_signal()).await?;
-            if let Some(s) = scheduler {
-                s.abort();
-            }
-            if let Some(w) = writer {
-                // The server (and with it every handle on the queue) is gone: drain it.
-                w.finish().await;
-            }
-            tracing::info!("stopped");
+            let server = build_server(&config, &admin_key, fatura, config.gateway.clone()).await?;
+            server.run(shutdown_signal()).await?;
         }
+        Command::Demo(args) => demo::run(&config, args).await?,
         Command::MockUpstream(m) => {
             use fatura_server::mock::{Flavor, MockConfig, serve_mock};
             let flavor = match m.flavor.as_str() {
@@ -584,7 +649,11 @@ async fn plans(config: &Config, cmd: PlansCommand) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(match cli.command {
+        // The demo's traffic fails on purpose now and then: no error line per failed call.
+        Command::Demo(_) => "info,sqlx=warn,tower_http::trace::on_failure=off",
+        _ => "info,sqlx=warn",
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

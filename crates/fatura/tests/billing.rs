@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 on_both_backends!(
     cycles_close_once_into_numbered_invoices_and_late_events_are_never_lost,
     bad_billing_input_is_refused_and_changes_nothing,
+    one_instance_at_a_time_runs_the_background_work,
 );
 
 async fn setup(backend: Backend) -> TestApp {
@@ -358,4 +359,65 @@ async fn bad_billing_input_is_refused_and_changes_nothing(backend: Backend) {
         assert_eq!(s, StatusCode::FORBIDDEN, "{path}");
     }
     assert!(invoices(&app, "").await.is_empty());
+}
+
+/// Two instances on one database (each its own connection pool, as two processes): the
+/// scheduler lease lets one run the background work at a time; when the holder stops
+/// renewing (it died), the other takes over once the lease has run out; a clean stop hands
+/// it over at once. The cycle is invoiced exactly once.
+async fn one_instance_at_a_time_runs_the_background_work(backend: Backend) {
+    use fatura_server::api::invoices::{release_scheduler_lease, scheduler_tick};
+    let app = setup(backend).await;
+    post_events(&app, vec![call("n1", "2026-11-10T12:00:00Z")]).await;
+    let other = fatura_store::connect(&app.database_url, 4).await.unwrap();
+    let instances = [
+        fatura_server::AppState::new(app.fatura.clone(), common::ADMIN_KEY),
+        fatura_server::AppState::new(
+            std::sync::Arc::new(fatura_server::service::Fatura::new(
+                other,
+                fatura_core::MarginRate::default_floor(),
+            )),
+            common::ADMIN_KEY,
+        ),
+    ];
+    assert_ne!(instances[0].instance_id, instances[1].instance_id);
+    let lease = std::time::Duration::from_secs(60);
+    let t0: chrono::DateTime<chrono::Utc> = "2026-12-01T02:00:00Z".parse().unwrap();
+    let at = |s: i64| t0 + chrono::Duration::seconds(s);
+    // Both tick at once: exactly one runs.
+    let (a, b) = tokio::join!(
+        scheduler_tick(&instances[0], t0, lease),
+        scheduler_tick(&instances[1], t0, lease)
+    );
+    assert!(a ^ b, "exactly one instance ran: {a} {b}");
+    let (holder, waiter) = if a {
+        (&instances[0], &instances[1])
+    } else {
+        (&instances[1], &instances[0])
+    };
+    let list = invoices(&app, "?customer_id=c1").await;
+    assert_eq!(list.len(), 1, "the closed cycle was invoiced");
+    assert_eq!(
+        list[0]["status"], "open",
+        "and finalised past its grace period"
+    );
+    // The holder renews; the other waits.
+    assert!(!scheduler_tick(waiter, at(10), lease).await);
+    assert!(
+        scheduler_tick(holder, at(30), lease).await,
+        "renewed until t0+90s"
+    );
+    // The holder dies (stops renewing): the lease runs out at t0+90s, not before.
+    assert!(!scheduler_tick(waiter, at(89), lease).await);
+    assert!(scheduler_tick(waiter, at(91), lease).await, "taken over");
+    assert!(
+        !scheduler_tick(holder, at(100), lease).await,
+        "no longer the holder"
+    );
+    // A clean stop hands the lease over at once.
+    release_scheduler_lease(&waiter.fatura, &waiter.instance_id).await;
+    assert!(scheduler_tick(holder, at(101), lease).await);
+    // Whoever ran, the cycle has one invoice.
+    let list = invoices(&app, "?customer_id=c1").await;
+    assert_eq!(list.len(), 1, "{list:?}");
 }

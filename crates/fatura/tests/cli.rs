@@ -39,6 +39,7 @@ fn every_command_has_help() {
     for args in [
         vec!["--help"],
         vec!["serve", "--help"],
+        vec!["demo", "--help"],
         vec!["migrate", "--help"],
         vec!["customers", "--help"],
         vec!["customers", "create", "--help"],

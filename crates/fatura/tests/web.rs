@@ -401,6 +401,21 @@ async fn dashboard_and_portal_in_a_browser() {
     }
     let body = c.source().await.unwrap();
     assert!(!body.contains(&acme_key) && !body.contains(&brasa_key));
+    // The catalog's versions of one model.
+    c.find(Locator::Css("#catalog a[href*='model=gpt-4o']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until("the model's versions", || async {
+        c.find(Locator::Css("#model-versions")).await.is_ok()
+    })
+    .await;
+    assert!(
+        text(&c, "#model-versions").await.contains("$2.50"),
+        "2.5e-6 × 1M"
+    );
     c.goto(&format!("{base}/dashboard/customers/acme"))
         .await
         .unwrap();

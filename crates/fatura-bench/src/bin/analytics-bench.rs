@@ -4,8 +4,8 @@
 //! `--customers` customers, 4 models and 3 agents, through `record_events` (which maintains
 //! the rollups), then measures, `--reps` times each: the month-so-far summary (all
 //! customers, what the dashboard's overview asks), the 30-day summary, the 30-day daily
-//! revenue series by model (all customers), one customer's 30-day hourly series, and three
-//! dashboard pages over HTTP. The baseline, in the same run, is the 30 days' usage computed
+//! revenue series by model (all customers), one customer's 30-day hourly series, and the
+//! dashboard's pages over HTTP. The baseline, in the same run, is the 30 days' usage computed
 //! by scanning the raw events (`GET /v1/usage`'s path); the bench fails if it disagrees with
 //! the rollup summary.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, Timelike, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Timelike, Utc};
 use clap::Parser;
 use fatura_bench::{fixtures, quantile};
 use fatura_core::import::CatalogFormat;
@@ -95,6 +95,16 @@ fn ms_since(t: Instant) -> f64 {
 }
 
 const ADMIN_KEY: &str = "analytics-bench-admin-key";
+
+/// The dashboard pages measured.
+const PAGES: [&str; 6] = [
+    "/dashboard",
+    "/dashboard/customers",
+    "/dashboard/customers/cus-1",
+    "/dashboard/models",
+    "/dashboard/invoices",
+    "/dashboard/pricing",
+];
 
 /// The web dashboard on loopback, with an operator session.
 struct Pages {
@@ -289,7 +299,7 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await?;
             samples.entry("hourly").or_default().push(ms_since(t));
-            for page in ["/dashboard", "/dashboard/customers", "/dashboard/models"] {
+            for page in PAGES {
                 let t = Instant::now();
                 pages.get(page).await?;
                 samples.entry(page).or_default().push(ms_since(t));
@@ -306,7 +316,10 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         let cell = |k: &str, samples: &mut BTreeMap<&str, Vec<f64>>| {
-            let (p50, p99) = ms(samples.get_mut(k).map(Vec::as_mut_slice).unwrap_or_default());
+            let (p50, p99) = ms(samples
+                .get_mut(k)
+                .map(Vec::as_mut_slice)
+                .unwrap_or_default());
             format!("{p50:.1} / {p99:.1}")
         };
         let window_p50 = {
@@ -323,13 +336,13 @@ async fn main() -> anyhow::Result<()> {
             cell("hourly", &mut samples),
             scan_ms / window_p50
         ));
-        pages_table.push(format!(
-            "| {backend} | {} | {} | {} | {} |",
-            args.events,
-            cell("/dashboard", &mut samples),
-            cell("/dashboard/customers", &mut samples),
-            cell("/dashboard/models", &mut samples),
-        ));
+        for page in PAGES {
+            pages_table.push(format!(
+                "| {backend} | {} | `{page}` | {} |",
+                args.events,
+                cell(page, &mut samples)
+            ));
+        }
         drop(fatura);
         if let Some(name) = pg {
             let mut conn = sqlx::PgConnection::connect(&args.postgres_url).await?;
@@ -351,8 +364,8 @@ async fn main() -> anyhow::Result<()> {
     }
     println!();
     println!("Dashboard pages over HTTP (server render + loopback), signed in as the operator:");
-    println!("| backend | events | overview p50 / p99 ms | customers p50 / p99 ms | models & providers p50 / p99 ms |");
-    println!("|---|---|---|---|---|");
+    println!("| backend | events | page | p50 / p99 ms |");
+    println!("|---|---|---|---|");
     for r in pages_table {
         println!("{r}");
     }

@@ -372,30 +372,78 @@ pub async fn run_billing(
     }))
 }
 
-/// Runs billing (and collection, and the pruning of minute rollups past their retention)
-/// every `every` until the process stops (inside `fatura serve`).
+/// The lease that makes one instance of a fleet run the background work.
+pub const SCHEDULER_LEASE: &str = "scheduler";
+
+/// How long a scheduler lease lasts without renewal: three periods, at least 30 s.
+pub fn scheduler_lease(every: std::time::Duration) -> std::time::Duration {
+    (every * 3).max(std::time::Duration::from_secs(30))
+}
+
+/// One run of the background work — billing (drafts, finalisation), the pruning of minute
+/// rollups past their retention, and collection — if this instance holds (or can take) the
+/// scheduler lease; instances sharing a database take turns only when the holder stops
+/// renewing (it stopped or died: its lease runs out). Every job is idempotent and works from
+/// the database's state, so a run cut short is finished by the next holder. Returns whether
+/// this instance ran it.
+pub async fn scheduler_tick(
+    state: &AppState,
+    now: chrono::DateTime<Utc>,
+    lease: std::time::Duration,
+) -> bool {
+    let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
+    match state
+        .fatura
+        .store()
+        .acquire_lease(SCHEDULER_LEASE, &state.instance_id, now, until)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return false,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take the scheduler lease; retrying at the next tick");
+            return false;
+        }
+    }
+    match state.fatura.run_billing(now, state.billing).await {
+        Ok(report) => {
+            for inv in &report.finalized {
+                credit_rebate(state, inv).await;
+                tracing::info!(invoice = %inv.id, number = ?inv.number, total = %inv.total, "invoice finalised");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "billing run failed; retrying at the next tick"),
+    }
+    if let Err(e) = state.fatura.prune_minute_rollups(now).await {
+        tracing::warn!(error = %e, "pruning minute rollups failed; retrying at the next tick");
+    }
+    if let Some(c) = &state.payments
+        && let Err(e) = c.collect_due(now).await
+    {
+        tracing::warn!(error = %e, "collection failed; retrying at the next tick");
+    }
+    true
+}
+
+/// Runs [`scheduler_tick`] every `every` until the process stops (inside `fatura serve`).
 pub async fn scheduler(state: AppState, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match state.fatura.run_billing(Utc::now(), state.billing).await {
-            Ok(report) => {
-                for inv in &report.finalized {
-                    credit_rebate(&state, inv).await;
-                    tracing::info!(invoice = %inv.id, number = ?inv.number, total = %inv.total, "invoice finalised");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "billing run failed; retrying at the next tick"),
-        }
-        if let Err(e) = state.fatura.prune_minute_rollups(Utc::now()).await {
-            tracing::warn!(error = %e, "pruning minute rollups failed; retrying at the next tick");
-        }
-        if let Some(c) = &state.payments
-            && let Err(e) = c.collect_due(Utc::now()).await
-        {
-            tracing::warn!(error = %e, "collection failed; retrying at the next tick");
-        }
+        scheduler_tick(&state, Utc::now(), scheduler_lease(every)).await;
+    }
+}
+
+/// Gives the scheduler lease up (on a clean stop), so that another instance takes over at
+/// its next tick rather than when the lease runs out.
+pub async fn release_scheduler_lease(fatura: &crate::service::Fatura, instance_id: &str) {
+    if let Err(e) = fatura
+        .store()
+        .release_lease(SCHEDULER_LEASE, instance_id)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot release the scheduler lease");
     }
 }
 

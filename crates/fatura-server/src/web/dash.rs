@@ -1095,7 +1095,18 @@ pub(super) async fn document(state: &AppState, id: &str, customer: Option<&str>)
 
 /// Pricing: plans and tiers, the catalog, recent changes and their margin impact, and
 /// margin-floor events.
-pub async fn pricing(State(state): State<AppState>, Admin(web): Admin) -> Response {
+/// The pricing page's filter: one model's versions.
+#[derive(Debug, serde::Deserialize)]
+pub struct PricingQuery {
+    /// Show every catalog version of this model.
+    model: Option<String>,
+}
+
+pub async fn pricing(
+    State(state): State<AppState>,
+    Admin(web): Admin,
+    axum::extract::Query(q): axum::extract::Query<PricingQuery>,
+) -> Response {
     let fmt = Fmt::new(&state, web.session.locale).await;
     let l = fmt.l;
     let now = Utc::now();
@@ -1199,7 +1210,11 @@ pub async fn pricing(State(state): State<AppState>, Admin(web): Admin) -> Respon
         .map(|(v, n)| {
             vec![
                 esc(&v.provider),
-                esc(&v.model),
+                format!(
+                    "<a href=\"/dashboard/pricing?model={}#versions\">{}</a>",
+                    esc(&url_component(&v.model)),
+                    esc(&v.model)
+                ),
                 fmt.time(v.effective_from),
                 fmt.usd(v.prices.prompt.value() * million),
                 fmt.usd(v.prices.completion.value() * million),
@@ -1207,6 +1222,46 @@ pub async fn pricing(State(state): State<AppState>, Admin(web): Admin) -> Respon
             ]
         })
         .collect();
+    if let Some(model) = q.model.as_deref() {
+        let mut versions: Vec<&fatura_core::catalog::PriceVersion> =
+            prices.iter().filter(|v| v.model == model).collect();
+        versions.sort_by(|a, b| {
+            b.effective_from
+                .cmp(&a.effective_from)
+                .then(a.provider.cmp(&b.provider))
+        });
+        let rows: Vec<Vec<String>> = versions
+            .iter()
+            .map(|v| {
+                vec![
+                    esc(&v.provider),
+                    fmt.time(v.effective_from),
+                    fmt.usd(v.prices.prompt.value() * million),
+                    fmt.usd(v.prices.completion.value() * million),
+                    v.prices
+                        .cache_read
+                        .map_or_else(|| "—".into(), |p| fmt.usd(p.value() * million)),
+                ]
+            })
+            .collect();
+        body.push_str(&format!(
+            "<h2 id=\"versions\">{} — {}</h2>{}",
+            tr(l, "versions"),
+            esc(model),
+            table(
+                "model-versions",
+                &[
+                    tr(l, "provider"),
+                    tr(l, "effective"),
+                    &format!("#{}", tr(l, "input_1m")),
+                    &format!("#{}", tr(l, "output_1m")),
+                    "#Cache / 1M",
+                ],
+                &rows,
+                tr(l, "nothing"),
+            )
+        ));
+    }
     body.push_str(&format!(
         "<h2>{}</h2><p class=\"muted\">{} · {} {}</p>{}",
         tr(l, "catalog"),
@@ -1297,4 +1352,17 @@ pub async fn pricing(State(state): State<AppState>, Admin(web): Admin) -> Respon
         &body,
     )
     .into_response()
+}
+
+/// Percent-encodes a query value.
+fn url_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
