@@ -346,6 +346,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    state.fatura.start_live_relay();
     let closing = state.closing.clone();
     let shutdown = async move {
         shutdown.await;

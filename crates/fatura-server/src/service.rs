@@ -180,42 +180,12 @@ pub struct Fatura {
     /// Newly recorded events, for the dashboard's live feed (sent only while someone
     /// listens; a slow listener misses events rather than slowing ingestion).
     live: tokio::sync::broadcast::Sender<LiveCall>,
+    /// Whether the relay of database-published events runs.
+    relay_started: std::sync::atomic::AtomicBool,
 }
 
 /// A newly recorded event as the live feed shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LiveCall {
-    /// Event id.
-    pub id: String,
-    /// Customer.
-    pub customer_id: String,
-    /// When the call happened.
-    pub timestamp: DateTime<Utc>,
-    /// Provider.
-    pub provider: String,
-    /// Model.
-    pub model: String,
-    /// The `agent` tag.
-    pub agent: Option<String>,
-    /// Input tokens.
-    pub input_tokens: u64,
-    /// Output tokens.
-    pub output_tokens: u64,
-    /// Upstream cost, USD (`None`: unpriced).
-    pub cost: Option<Decimal>,
-    /// Provisional price, USD.
-    pub price: Option<Decimal>,
-}
-
-impl LiveCall {
-    /// Gross margin of the call, (price − cost) / price.
-    pub fn margin(&self) -> Option<Decimal> {
-        match (self.cost, self.price) {
-            (Some(c), Some(p)) if !p.is_zero() => Some(((p - c) / p).round_dp(4)),
-            _ => None,
-        }
-    }
-}
+pub use fatura_store::LiveEvent as LiveCall;
 
 impl std::fmt::Debug for Fatura {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -357,7 +327,48 @@ impl Fatura {
             })),
             raised_alerts: Default::default(),
             live: tokio::sync::broadcast::channel(1024).0,
+            relay_started: Default::default(),
         }
+    }
+
+    /// Relays the events every instance records (when the database publishes them) into
+    /// this process's live feed, reconnecting after a failure; at most one relay per
+    /// process. Call from inside the runtime (`serve` does).
+    pub fn start_live_relay(self: &Arc<Self>) {
+        if !self.store.publishes_live()
+            || self
+                .relay_started
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            loop {
+                let Some(fatura) = me.upgrade() else { return };
+                match fatura.store.listen_live().await {
+                    Ok(Some(mut stream)) => {
+                        drop(fatura);
+                        while let Some(batch) = stream.next().await {
+                            let Some(fatura) = me.upgrade() else { return };
+                            match batch {
+                                // Sent only when someone listens; nothing to do otherwise.
+                                Ok(events) => {
+                                    for e in events {
+                                        let _ = fatura.live.send(e);
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "live relay: bad notification"),
+                            }
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => tracing::warn!(error = %e, "live relay: cannot listen; retrying"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
     }
 
     /// Subscribes to newly recorded events (the live feed).
@@ -370,27 +381,17 @@ impl Fatura {
         prepared: &[PreparedEvent],
         inserted: &std::collections::HashSet<String>,
     ) {
-        if self.live.receiver_count() == 0 {
+        // A database that publishes (PostgreSQL) delivers them through the relay instead, to
+        // every instance including this one.
+        if self.live.receiver_count() == 0 || self.store.publishes_live() {
             return;
         }
         for p in prepared
             .iter()
             .filter(|p| inserted.contains(p.event.id.as_str()))
         {
-            let e = &p.event;
             // A send fails only when every listener has gone: nothing to do.
-            let _ = self.live.send(LiveCall {
-                id: e.id.to_string(),
-                customer_id: e.customer_id.to_string(),
-                timestamp: e.timestamp,
-                provider: e.provider.clone(),
-                model: e.model.clone(),
-                agent: e.tags.get("agent").cloned(),
-                input_tokens: e.usage.input(),
-                output_tokens: e.usage.output(),
-                cost: p.pricing.as_ref().map(|x| x.cost),
-                price: p.pricing.as_ref().map(|x| x.revenue),
-            });
+            let _ = self.live.send(LiveCall::of(p));
         }
     }
 

@@ -154,6 +154,61 @@ pub struct EventPricing {
     pub revenue: Decimal,
 }
 
+/// A newly recorded event as live views show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LiveEvent {
+    /// Event id.
+    pub id: String,
+    /// Customer.
+    pub customer_id: String,
+    /// When the call happened.
+    pub timestamp: DateTime<Utc>,
+    /// Provider.
+    pub provider: String,
+    /// Model.
+    pub model: String,
+    /// The `agent` tag.
+    pub agent: Option<String>,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Upstream cost, USD (`None`: unpriced).
+    pub cost: Option<Decimal>,
+    /// Provisional price, USD.
+    pub price: Option<Decimal>,
+}
+
+impl LiveEvent {
+    /// The live view of a prepared event.
+    pub fn of(p: &PreparedEvent) -> LiveEvent {
+        let e = &p.event;
+        LiveEvent {
+            id: e.id.to_string(),
+            customer_id: e.customer_id.to_string(),
+            timestamp: e.timestamp,
+            provider: e.provider.clone(),
+            model: e.model.clone(),
+            agent: e.tags.get("agent").cloned(),
+            input_tokens: e.usage.input(),
+            output_tokens: e.usage.output(),
+            cost: p.pricing.as_ref().map(|x| x.cost),
+            price: p.pricing.as_ref().map(|x| x.revenue),
+        }
+    }
+
+    /// Gross margin of the call, (price − cost) / price.
+    pub fn margin(&self) -> Option<Decimal> {
+        match (self.cost, self.price) {
+            (Some(c), Some(p)) if !p.is_zero() => Some(((p - c) / p).round_dp(4)),
+            _ => None,
+        }
+    }
+}
+
+/// Events recorded by any instance, as the database publishes them.
+pub type LiveStream = futures_util::stream::BoxStream<'static, StoreResult<Vec<LiveEvent>>>;
+
 /// What an insert did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InsertOutcome {
@@ -705,6 +760,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool>;
     /// Gives the lease up if `owner` holds it.
     async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<()>;
+    /// Subscribes to the events every instance records, when the database publishes them
+    /// (PostgreSQL: `LISTEN`, sent by the inserting transaction on commit); `None` when each
+    /// process publishes its own (SQLite: one process per file).
+    async fn listen_live(&self) -> StoreResult<Option<LiveStream>> {
+        Ok(None)
+    }
+    /// Whether [`Store::listen_live`] delivers the events this process records too (then the
+    /// process must not also publish them itself).
+    fn publishes_live(&self) -> bool {
+        false
+    }
     /// Remembers a webhook event id; false if it was seen before.
     async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool>;
     /// Rollup rows of `grain` with `from <= bucket < to`, summed in the database over the

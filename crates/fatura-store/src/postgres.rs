@@ -18,7 +18,7 @@ use fatura_core::rollup::{
 };
 use fatura_core::usage::{UsageAggregator, UsageRecord};
 use fatura_core::{Currency, TokenUsage};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
@@ -532,6 +532,15 @@ impl Store for PgStore {
             qb.build().execute(&mut *tx).await?;
         }
         apply_rollups(&mut tx, &crate::delta_of_inserted(events, &inserted)).await?;
+        // Live views on every instance: delivered to listeners when (and only if) this
+        // transaction commits.
+        let payloads = live_payloads(events, &inserted);
+        if !payloads.is_empty() {
+            sqlx::query("SELECT pg_notify('fatura_live', p) FROM unnest($1::text[]) AS p")
+                .bind(payloads)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         let unpriced = events
             .iter()
@@ -1509,6 +1518,22 @@ impl Store for PgStore {
         .collect()
     }
 
+    fn publishes_live(&self) -> bool {
+        true
+    }
+
+    async fn listen_live(&self) -> StoreResult<Option<crate::LiveStream>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(LIVE_CHANNEL).await?;
+        let stream = listener.into_stream().map(|n| {
+            let n = n?;
+            serde_json::from_str::<Vec<crate::LiveEvent>>(n.payload()).map_err(|e| {
+                StoreError::Internal(anyhow::anyhow!("bad live notification: {e}"))
+            })
+        });
+        Ok(Some(Box::pin(stream)))
+    }
+
     async fn acquire_lease(
         &self,
         name: &str,
@@ -1819,4 +1844,37 @@ fn push_usage_filter<'a>(qb: &mut QueryBuilder<'a, Postgres>, filter: &'a UsageF
             .push(" = ")
             .push_bind(v);
     }
+}
+
+/// The notification channel of newly recorded events.
+const LIVE_CHANNEL: &str = "fatura_live";
+
+/// PostgreSQL's limit on a notification payload is 8,000 bytes: the batch's new events go
+/// out as JSON arrays of at most this many bytes (an event alone is far smaller).
+const LIVE_PAYLOAD_BYTES: usize = 7_000;
+
+/// The newly inserted events of a batch as notification payloads.
+fn live_payloads(events: &[PreparedEvent], inserted: &HashSet<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let mut size = 2;
+    for p in events
+        .iter()
+        .filter(|p| inserted.contains(p.event.id.as_str()))
+    {
+        let Ok(one) = serde_json::to_string(&crate::LiveEvent::of(p)) else {
+            continue;
+        };
+        if !current.is_empty() && size + one.len() + 1 > LIVE_PAYLOAD_BYTES {
+            out.push(format!("[{}]", current.join(",")));
+            current.clear();
+            size = 2;
+        }
+        size += one.len() + 1;
+        current.push(one);
+    }
+    if !current.is_empty() {
+        out.push(format!("[{}]", current.join(",")));
+    }
+    out
 }
