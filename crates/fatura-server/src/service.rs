@@ -359,7 +359,9 @@ impl Fatura {
                                         let _ = fatura.live.send(e);
                                     }
                                 }
-                                Err(e) => tracing::warn!(error = %e, "live relay: bad notification"),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "live relay: bad notification")
+                                }
                             }
                         }
                     }

@@ -1527,9 +1527,8 @@ impl Store for PgStore {
         listener.listen(LIVE_CHANNEL).await?;
         let stream = listener.into_stream().map(|n| {
             let n = n?;
-            serde_json::from_str::<Vec<crate::LiveEvent>>(n.payload()).map_err(|e| {
-                StoreError::Internal(anyhow::anyhow!("bad live notification: {e}"))
-            })
+            serde_json::from_str::<Vec<crate::LiveEvent>>(n.payload())
+                .map_err(|e| StoreError::Internal(anyhow::anyhow!("bad live notification: {e}")))
         });
         Ok(Some(Box::pin(stream)))
     }

@@ -41,7 +41,11 @@ async fn post_event(base: &str, id: &str) {
 }
 
 /// The ids received on `rx` until `last` arrives (or the deadline passes: `None`).
-async fn until_seen(rx: &mut Receiver<LiveCall>, last: &str, within: Duration) -> Option<Vec<LiveCall>> {
+async fn until_seen(
+    rx: &mut Receiver<LiveCall>,
+    last: &str,
+    within: Duration,
+) -> Option<Vec<LiveCall>> {
     let started = Instant::now();
     let mut seen = Vec::new();
     while let Some(left) = within.checked_sub(started.elapsed()) {
@@ -63,7 +67,12 @@ async fn until_seen(rx: &mut Receiver<LiveCall>, last: &str, within: Duration) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_instance_sees_every_call_once() {
     let app = TestApp::start(Backend::Postgres).await;
-    catalog(&app, "2026-01-01T00:00:00Z", &[("openai/gpt-4o", "0.0000025", "0.00001")]).await;
+    catalog(
+        &app,
+        "2026-01-01T00:00:00Z",
+        &[("openai/gpt-4o", "0.0000025", "0.00001")],
+    )
+    .await;
     app.customer("acme").await;
     let b = second_instance(&app).await;
     let mut rx = app.fatura.subscribe_live();
@@ -74,10 +83,16 @@ async fn every_instance_sees_every_call_once() {
         n += 1;
         let probe = format!("probe-{n}");
         post_event(&b, &probe).await;
-        if until_seen(&mut rx, &probe, Duration::from_millis(300)).await.is_some() {
+        if until_seen(&mut rx, &probe, Duration::from_millis(300))
+            .await
+            .is_some()
+        {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "A never saw B's calls");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "A never saw B's calls"
+        );
     }
     // A call recorded by A itself, then one by B: A's feed has A's call exactly once (not
     // published locally and again by the relay), priced, and B's after it.
@@ -96,6 +111,8 @@ async fn every_instance_sees_every_call_once() {
     // A replay is not a new call: nothing is published for it.
     post_event(&b, "from-b").await;
     post_event(&b, "marker").await;
-    let seen = until_seen(&mut rx, "marker", Duration::from_secs(10)).await.unwrap();
+    let seen = until_seen(&mut rx, "marker", Duration::from_secs(10))
+        .await
+        .unwrap();
     assert!(seen.iter().all(|c| c.id != "from-b"), "{seen:?}");
 }
