@@ -208,6 +208,13 @@ async fn setup() -> (TestApp, String, String, String) {
     assert_eq!(s, StatusCode::CREATED, "{body}");
     let (s, body) = app
         .post(
+            "/v1/customers",
+            &json!({"id": "evil", "name": "Evil <b>Co</b>"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = app
+        .post(
             "/v1/fx-rates",
             &json!({"currency": "BRL", "date": "2020-01-01", "rate": "5.3337"}),
         )
@@ -448,6 +455,53 @@ async fn dashboard_and_portal_in_a_browser() {
     assert_eq!(text(&c, "#margin [data-value]").await, "87,0%");
     assert!(text(&c, "[data-nav=customers]").await.contains("Clientes"));
     shot(&c, "09-overview-pt-BR").await;
+
+    // Behind a TLS proxy the session cookie is also Secure.
+    let raw_tls = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = raw_tls.get(format!("{base}/login")).send().await.unwrap();
+    let token = login
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_string();
+    let r = raw_tls
+        .post(format!("{base}/login"))
+        .header("cookie", format!("fatura_login_csrf={token}"))
+        .header("x-forwarded-proto", "https")
+        .form(&[("key", ADMIN_KEY), ("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let cookie = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|v| v.starts_with("fatura_session="))
+        .unwrap();
+    for attr in ["HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+
+    // Names are text, never markup.
+    c.goto(&format!("{base}/dashboard/customers"))
+        .await
+        .unwrap();
+    let page = c.source().await.unwrap();
+    assert!(page.contains("Evil &lt;b&gt;Co&lt;/b&gt;") && !page.contains("<b>Co</b>"));
+    c.goto(&format!("{base}/dashboard")).await.unwrap();
 
     // Forms without their CSRF token are refused and change nothing.
     let raw = reqwest::Client::builder()
