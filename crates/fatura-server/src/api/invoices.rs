@@ -502,8 +502,9 @@ pub struct PaymentMethodBody {
 /// the method attached and made the default; invoices and top-ups are charged to it.
 #[utoipa::path(post, path = "/v1/customers/{id}/payment-methods", tag = "billing", request_body = PaymentMethodBody,
     params(("id" = String, Path, description = "Customer id")),
-    responses((status = 200, body = crate::api::customers::CustomerOut), (status = 401, body = ErrorBody),
-              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = crate::api::customers::CustomerOut), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn save_payment_method(
     State(state): State<AppState>,
@@ -547,8 +548,8 @@ pub struct PaymentOut {
 /// processor confirms the payment (webhook).
 #[utoipa::path(post, path = "/v1/customers/{id}/wallet/top-ups", tag = "billing", request_body = TopUpBody,
     params(("id" = String, Path, description = "Customer id")),
-    responses((status = 202, body = PaymentOut), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 202, body = PaymentOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn top_up(
     State(state): State<AppState>,
