@@ -27,6 +27,7 @@ fn range(from: Option<&str>, to: Option<&str>) -> Result<(DateTime<Utc>, DateTim
 
 /// Query of `GET /v1/analytics/timeseries`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TimeseriesQuery {
     /// `revenue`, `cost`, `margin`, `requests` or `tokens` (cost and margin: operators only).
@@ -145,6 +146,7 @@ pub async fn timeseries(
 
 /// Query of `GET /v1/analytics/summary`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SummaryQuery {
     /// RFC 3339, whole minute.
@@ -361,6 +363,7 @@ pub async fn post_outcomes(
 
 /// Query of `GET /v1/analytics/roi`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RoiQuery {
     /// `agent` or `customer`.
@@ -437,6 +440,7 @@ pub async fn roi(
 
 /// Query of `GET /v1/analytics/forecast`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ForecastQuery {
     /// Customer (a customer key: only its own).
@@ -562,6 +566,7 @@ pub async fn forecast(
 
 /// Query of `GET /v1/analytics/provider-comparison`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ComparisonQuery {
     /// Only this customer.

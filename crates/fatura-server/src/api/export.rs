@@ -151,6 +151,7 @@ pub async fn usage_csv(
 
 /// Query of `GET /v1/export/invoices.csv`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct InvoicesExportQuery {
     /// Only this customer (a customer key: only its own).
@@ -162,7 +163,8 @@ pub struct InvoicesExportQuery {
 /// Invoices and credit notes as CSV, one row each.
 #[utoipa::path(get, path = "/v1/export/invoices.csv", tag = "billing", params(InvoicesExportQuery),
     responses((status = 200, description = "CSV", body = String, content_type = "text/csv"),
-              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn invoices_csv(
     State(state): State<AppState>,

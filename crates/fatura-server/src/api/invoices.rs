@@ -137,6 +137,7 @@ pub struct InvoiceList {
 
 /// Query of `GET /v1/invoices`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct InvoicesQuery {
     /// Only this customer (a customer key sees only its own).
@@ -318,6 +319,7 @@ pub async fn create_credit_note(
 
 /// Query of `POST /v1/billing/run`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RunQuery {
     /// RFC 3339 instant to run at (default now): cycles ended by then are closed.

@@ -16,6 +16,7 @@ use crate::error::{ApiError, ApiJson, ErrorBody};
 
 /// Query of `POST /v1/prices/import`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ImportQuery {
     /// `openrouter` (the `/api/v1/models` JSON) or `litellm` (LiteLLM's price map).
@@ -57,6 +58,7 @@ pub struct ImportResponse {
 
 /// Query of `GET /v1/prices`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PricesQuery {
     /// Only this provider.

@@ -564,6 +564,7 @@ pub async fn post_fx_rate(
 
 /// Query of `GET /v1/fx-rates`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FxQuery {
     /// Only this currency.
@@ -869,6 +870,7 @@ fn upcoming_out(u: Upcoming, operator: bool) -> UpcomingOut {
 
 /// Query of `GET /v1/customers/{id}/upcoming`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UpcomingQuery {
     /// RFC 3339 instant to preview at (default now): the cycle containing it, with the
@@ -903,6 +905,7 @@ pub async fn get_upcoming(
 
 /// Query of `GET /v1/prices/changes`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ChangesQuery {
     /// RFC 3339: versions imported at or after this instant (default: all).

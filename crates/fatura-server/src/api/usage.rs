@@ -18,6 +18,7 @@ use crate::error::{ApiError, ApiJson, ErrorBody};
 /// Parameters of `GET /v1/usage` (plus any number of `tag.NAME=value` filters).
 #[allow(dead_code)]
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Only this customer (customer keys: their own, the default).
     customer_id: Option<String>,
@@ -215,6 +216,7 @@ pub async fn get_usage(
 
 /// Query of `GET /v1/usage/unpriced`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UnpricedQuery {
     /// Only this customer.
@@ -252,7 +254,8 @@ pub struct UnpricedList {
 /// Events whose model had no catalog price: accepted, never costed at zero, listed here
 /// until a price import covers them.
 #[utoipa::path(get, path = "/v1/usage/unpriced", tag = "usage", params(UnpricedQuery),
-    responses((status = 200, body = UnpricedList), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = UnpricedList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_unpriced(
     State(state): State<AppState>,
