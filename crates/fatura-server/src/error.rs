@@ -185,6 +185,20 @@ impl ApiError {
         );
         r
     }
+    /// 429 with `Retry-After` (seconds): a per-key rate limit.
+    pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64) -> Response {
+        let mut r = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            message,
+        )
+        .into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_secs.to_string()) {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        r
+    }
     /// 503.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(

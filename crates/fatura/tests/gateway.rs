@@ -32,6 +32,7 @@ on_both_backends!(
     calls_beyond_max_in_flight_are_shed_with_503,
     bad_gateway_requests_get_clear_errors_and_forward_nothing,
     a_silent_upstream_stream_is_ended_metered_and_its_reservation_freed,
+    per_key_rate_limits_answer_429_with_retry_after,
 );
 
 async fn a_silent_upstream_stream_is_ended_metered_and_its_reservation_freed(backend: Backend) {
@@ -1693,4 +1694,72 @@ async fn prepaid_usage_is_invoiced_as_paid_from_the_wallet_with_the_volume_disco
         w["balance"].as_str().unwrap(),
         stored.normalize().to_string()
     );
+}
+
+/// Waits, if needed, until at least `secs` seconds remain in the current UTC minute (the
+/// limits count per minute): the calls below then fall in one window.
+async fn within_one_minute(secs: i64) {
+    let left = 60 - chrono::Utc::now().timestamp().rem_euclid(60);
+    if left < secs {
+        tokio::time::sleep(Duration::from_secs(u64::try_from(left).unwrap() + 1)).await;
+    }
+}
+
+async fn per_key_rate_limits_answer_429_with_retry_after(backend: Backend) {
+    let s = setup(
+        backend,
+        MockConfig::default(),
+        "requests_per_minute = 2\ntokens_per_minute = 1000",
+    )
+    .await;
+    let other_key = s.app.key_for("acme").await;
+    let chat = |max_tokens: u64| {
+        json!({"model": "gpt-4o", "max_tokens": max_tokens,
+               "messages": [{"role": "user", "content": "hello there"}]})
+    };
+    let post = |key: String, body: Value| {
+        let app = &s.app;
+        async move {
+            app.client
+                .post(app.url("/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    within_one_minute(15).await;
+    // Requests: two per key per minute; the third is refused and forwards nothing.
+    for _ in 0..2 {
+        assert_eq!(post(s.key.clone(), chat(10)).await.status(), StatusCode::OK);
+    }
+    let r = post(s.key.clone(), chat(10)).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        mock_requests(&s.mock).await.len(),
+        2,
+        "the refused call was not forwarded"
+    );
+    // Tokens: counted at admission as prompt + max_tokens; another key has its own window.
+    assert_eq!(
+        post(other_key.clone(), chat(900)).await.status(),
+        StatusCode::OK
+    );
+    let r = post(other_key.clone(), chat(900)).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "1,800+ tokens > 1,000"
+    );
+    assert_eq!(mock_requests(&s.mock).await.len(), 3);
 }

@@ -118,6 +118,15 @@ pub struct GatewayConfig {
     /// metered with what it delivered; its reservation and in-flight slot are freed.
     #[serde(default = "default_stream_idle_timeout_ms")]
     pub stream_idle_timeout_ms: u64,
+    /// Most calls per customer key per minute (UTC minute windows); beyond it 429 with
+    /// `Retry-After`. 0: no limit.
+    #[serde(default)]
+    pub requests_per_minute: u64,
+    /// Most tokens per customer key per minute, counted when a call is admitted as its prompt
+    /// tokens plus its output cap (`max_tokens`, or `default_max_output_tokens`), as Azure
+    /// OpenAI counts them. 0: no limit.
+    #[serde(default)]
+    pub tokens_per_minute: u64,
 }
 
 fn default_stream_idle_timeout_ms() -> u64 {
@@ -145,6 +154,8 @@ impl Default for GatewayConfig {
             default_max_output_tokens: default_max_output(),
             max_in_flight: default_max_in_flight(),
             stream_idle_timeout_ms: default_stream_idle_timeout_ms(),
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
         }
     }
 }

@@ -26,6 +26,68 @@ pub struct Gateway {
     keys: HashMap<String, String>,
     /// Permits for calls in flight (`max_in_flight`).
     slots: Arc<tokio::sync::Semaphore>,
+    /// Per-key request and token counts of the current minute.
+    limits: RateLimiter,
+}
+
+/// Per-key fixed one-minute windows (UTC minutes) of requests and tokens.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    windows: std::sync::Mutex<HashMap<String, (i64, u64, u64)>>,
+}
+
+impl RateLimiter {
+    /// Admits a call of `tokens` for `key` at `now_secs` (Unix seconds) under `rpm` requests
+    /// and `tpm` tokens per minute (0: unlimited), counting it; or the seconds until the
+    /// window ends. A call larger than `tpm` on its own is admitted into an empty window
+    /// (it could never run otherwise).
+    pub fn admit(
+        &self,
+        key: &str,
+        tokens: u64,
+        now_secs: i64,
+        rpm: u64,
+        tpm: u64,
+    ) -> Result<(), u64> {
+        let minute = now_secs.div_euclid(60);
+        let retry = u64::try_from(60 - now_secs.rem_euclid(60)).unwrap_or(60);
+        let Ok(mut windows) = self.windows.lock() else {
+            return Ok(());
+        };
+        if windows.len() > 100_000 {
+            windows.retain(|_, w| w.0 == minute);
+        }
+        let w = windows.entry(key.to_string()).or_insert((minute, 0, 0));
+        if w.0 != minute {
+            *w = (minute, 0, 0);
+        }
+        if rpm > 0 && w.1 >= rpm {
+            return Err(retry);
+        }
+        if tpm > 0 && w.2 > 0 && w.2.saturating_add(tokens) > tpm {
+            return Err(retry);
+        }
+        w.1 += 1;
+        w.2 = w.2.saturating_add(tokens);
+        Ok(())
+    }
+
+    /// Admits under this gateway's configured limits.
+    pub fn check(
+        &self,
+        config: &GatewayConfig,
+        key: &str,
+        tokens: u64,
+        now_secs: i64,
+    ) -> Result<(), u64> {
+        self.admit(
+            key,
+            tokens,
+            now_secs,
+            config.requests_per_minute,
+            config.tokens_per_minute,
+        )
+    }
 }
 
 impl Gateway {
@@ -67,6 +129,38 @@ impl Gateway {
             client,
             keys,
             slots,
+            limits: RateLimiter::default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimiter;
+
+    #[test]
+    fn windows_count_requests_and_tokens_per_key_and_minute() {
+        let l = RateLimiter::default();
+        let t = 1_790_000_080; // 20 s before a minute ends
+        assert_eq!(l.admit("k", 10, t, 2, 0), Ok(()));
+        assert_eq!(l.admit("k", 10, t + 1, 2, 0), Ok(()));
+        assert_eq!(
+            l.admit("k", 10, t + 2, 2, 0),
+            Err(18),
+            "third request in the minute"
+        );
+        assert_eq!(l.admit("other", 10, t + 2, 2, 0), Ok(()), "per key");
+        assert_eq!(l.admit("k", 10, t + 20, 2, 0), Ok(()), "a new minute");
+        // Tokens: refused when the window would exceed the limit; a call larger than the
+        // limit alone runs in an empty window.
+        assert_eq!(l.admit("t", 60, t, 0, 100), Ok(()));
+        assert_eq!(l.admit("t", 50, t, 0, 100), Err(20));
+        assert_eq!(l.admit("t", 40, t, 0, 100), Ok(()));
+        assert_eq!(l.admit("big", 500, t, 0, 100), Ok(()));
+        assert_eq!(l.admit("big", 1, t, 0, 100), Err(20));
+        // Unlimited.
+        for _ in 0..1000 {
+            assert_eq!(l.admit("free", 1_000_000, t, 0, 0), Ok(()));
+        }
     }
 }

@@ -351,7 +351,7 @@ async fn proxy(
     let gateway = state.gateway.clone().ok_or_else(|| {
         ApiError::not_found("the gateway is not configured on this server").into_response()
     })?;
-    let (customer_id, budget) = match caller {
+    let (customer_id, key_id, budget) = match caller {
         Caller::Customer {
             suspended: Some(reason),
             ..
@@ -365,11 +365,13 @@ async fn proxy(
         }
         Caller::Customer {
             customer_id,
+            key_id,
             prepaid,
             spend_limit,
             ..
         } => (
             customer_id,
+            key_id,
             match (prepaid, spend_limit) {
                 (true, _) => Some(Budget::Wallet),
                 (false, Some(limit)) => Some(Budget::MonthlyLimit(limit)),
@@ -406,6 +408,29 @@ async fn proxy(
             ApiError::bad_request("missing_model", "\"model\" is required").into_response()
         })?
         .to_string();
+    let limits = &gateway.config;
+    if limits.requests_per_minute > 0 || limits.tokens_per_minute > 0 {
+        let tokens = if limits.tokens_per_minute > 0 {
+            let (prompt, output) =
+                call_tokens(&request, endpoint, limits.default_max_output_tokens);
+            prompt.saturating_add(output)
+        } else {
+            0
+        };
+        if let Err(retry) = gateway
+            .limits
+            .check(limits, &key_id, tokens, Utc::now().timestamp())
+        {
+            outcome(&state.metrics, "none", "rate_limited");
+            return Err(ApiError::rate_limited(
+                format!(
+                    "rate limit reached for this key ({} requests, {} tokens per minute; 0 = none); retry in {retry} s",
+                    limits.requests_per_minute, limits.tokens_per_minute
+                ),
+                retry,
+            ));
+        }
+    }
     let stream =
         endpoint == Endpoint::Chat && request.get("stream").and_then(Value::as_bool) == Some(true);
     let client_wants_usage = request
@@ -615,6 +640,27 @@ async fn proxy(
         .unwrap_or_else(|| ApiError::bad_gateway("every upstream failed").into_response()))
 }
 
+/// A call's prompt tokens (counted from the request) and its output cap (`max_tokens`, or
+/// `default_max_output`).
+fn call_tokens(
+    request: &Map<String, Value>,
+    endpoint: Endpoint,
+    default_max_output: u64,
+) -> (u64, u64) {
+    let as_value = Value::Object(request.clone());
+    match endpoint {
+        Endpoint::Chat => (
+            count_chat_prompt(&as_value),
+            request
+                .get("max_completion_tokens")
+                .or_else(|| request.get("max_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(default_max_output),
+        ),
+        Endpoint::Embeddings => (count_embedding_input(&as_value), 0),
+    }
+}
+
 /// Reserves the call's maximum price on the customer's wallet: prompt tokens counted from
 /// the request plus `max_tokens` (or the configured output cap), at the dearest upstream
 /// of the chain. Answers 402 when the available balance is short, 403 when the model has
@@ -631,18 +677,7 @@ async fn reserve(
     endpoint: Endpoint,
     at: DateTime<Utc>,
 ) -> Result<ReservationGuard, Response> {
-    let as_value = Value::Object(request.clone());
-    let (prompt, output) = match endpoint {
-        Endpoint::Chat => (
-            count_chat_prompt(&as_value),
-            request
-                .get("max_completion_tokens")
-                .or_else(|| request.get("max_tokens"))
-                .and_then(Value::as_u64)
-                .unwrap_or(gateway.config.default_max_output_tokens),
-        ),
-        Endpoint::Embeddings => (count_embedding_input(&as_value), 0),
-    };
+    let (prompt, output) = call_tokens(request, endpoint, gateway.config.default_max_output_tokens);
     let usage = TokenUsage::new(prompt, output, 0, 0, 0, 1)
         .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()).into_response())?;
     let mut amount: Option<Decimal> = None;
