@@ -107,16 +107,6 @@ impl Grain {
         self.bucket(t) == t
     }
 
-    /// The coarsest grain whose buckets start exactly at `from` and `to` (so a range query
-    /// on it counts exactly the events in `[from, to)`).
-    pub fn coarsest_aligned(from: DateTime<Utc>, to: DateTime<Utc>) -> Option<Grain> {
-        Grain::ALL
-            .iter()
-            .rev()
-            .copied()
-            .find(|g| g.aligned(from) && g.aligned(to))
-    }
-
     /// Splits `[from, to)` into pieces that whole buckets cover exactly, each at the coarsest
     /// grain that fits: a month with ragged ends becomes days/hours/minutes at the edges and
     /// whole months in the middle. `None` when `from` or `to` is not a whole minute.
@@ -468,20 +458,6 @@ mod tests {
             Grain::Day.bucket(t),
             Utc.with_ymd_and_hms(2026, 11, 24, 0, 0, 0).unwrap()
         );
-        let day = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
-        assert_eq!(
-            Grain::coarsest_aligned(day, day + TimeDelta::days(29)),
-            Some(Grain::Day)
-        );
-        assert_eq!(
-            Grain::coarsest_aligned(day, t),
-            None,
-            "seconds are finer than any grain"
-        );
-        assert_eq!(
-            Grain::coarsest_aligned(day + TimeDelta::hours(5), day + TimeDelta::days(2)),
-            Some(Grain::Hour)
-        );
     }
 
     #[test]
@@ -493,7 +469,6 @@ mod tests {
         assert_eq!(Grain::Month.next(t), jan);
         assert_eq!(Grain::Month.buckets_between(dec, jan), 1);
         assert_eq!(Grain::Day.buckets_between(dec, jan), 31);
-        assert_eq!(Grain::coarsest_aligned(dec, jan), Some(Grain::Month));
         let oct = Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap();
         assert_eq!(
             Grain::cover(oct, jan).unwrap(),

@@ -185,7 +185,7 @@ impl Fatura {
 
     /// Rollup sums over `[from, to)` (whole minutes), one per combination of the dimensions
     /// `by` keeps (the bucket is not kept), read as [`SignedCover::plan`] says.
-    async fn rollups_over(
+    pub async fn rollups_over(
         &self,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
@@ -1002,17 +1002,6 @@ impl Fatura {
             }
         }
         Ok(out)
-    }
-
-    /// Rollup sums of one customer (or all) over `[from, to)` by the dimensions `by` keeps.
-    pub async fn usage_by(
-        &self,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        customer_id: Option<&str>,
-        by: Dims,
-    ) -> ServiceResult<Vec<(RollupKey, RollupTotals)>> {
-        self.rollups_over(from, to, customer_id, by).await
     }
 }
 

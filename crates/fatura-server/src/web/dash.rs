@@ -603,7 +603,7 @@ pub(super) async fn customer_body(
     let mut rows_by: BTreeMap<(String, String), RollupTotals> = BTreeMap::new();
     for (k, t) in state
         .fatura
-        .usage_by(cycle_start, Grain::Minute.next(now), Some(&c.id), by)
+        .rollups_over(cycle_start, Grain::Minute.next(now), Some(&c.id), by)
         .await?
     {
         rows_by.entry((k.model, k.agent)).or_default().add(&t);
@@ -803,7 +803,7 @@ pub async fn models(State(state): State<AppState>, Admin(web): Admin) -> Respons
         ..Dims::default()
     };
     let (rows, comparison) = match tokio::try_join!(
-        state.fatura.usage_by(month, now_minute(), None, by),
+        state.fatura.rollups_over(month, now_minute(), None, by),
         state.fatura.provider_comparison(month, now_minute(), None),
     ) {
         Ok(x) => x,
