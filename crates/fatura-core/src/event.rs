@@ -164,6 +164,19 @@ pub struct UsageEvent {
     /// For prepaid customers: the price charged to the wallet for this call, in the
     /// wallet's currency, written with the event in the same transaction.
     pub prepaid_charge: Option<Decimal>,
+    /// The budget share this call was reserved from, released when the event is written
+    /// (bookkeeping of a fleet of gateways; not part of the event's content).
+    pub budget_hold: Option<BudgetHold>,
+}
+
+/// Which instance's budget share a gateway call was reserved from, and how much of it the
+/// call used (its price): written with the event, the share shrinks by `amount`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetHold {
+    /// The gateway instance holding the share.
+    pub instance: String,
+    /// The call's price, moved from the share into the ledger.
+    pub amount: Decimal,
 }
 
 /// Checks a provider or model name.
@@ -250,6 +263,7 @@ impl UsageEvent {
             upstream: None,
             estimated: false,
             prepaid_charge: None,
+            budget_hold: None,
         })
     }
 

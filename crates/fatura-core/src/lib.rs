@@ -23,6 +23,6 @@ pub mod wallet;
 
 pub use catalog::{Catalog, PriceComponents, PriceVersion, UnitPrice};
 pub use costing::{CostBreakdown, cost_usage};
-pub use event::{EventError, TokenUsage, UsageEvent};
+pub use event::{BudgetHold, EventError, TokenUsage, UsageEvent};
 pub use ids::{CustomerId, EventId, IdError};
 pub use money::{Currency, LEDGER_SCALE, MarginRate, Money, MoneyError, exact_add, round_ledger};

@@ -128,12 +128,12 @@ impl FromRequestParts<AppState> for Caller {
         let key = match store.find_active_api_key(&digest).await {
             Ok(Some(key)) => key,
             Ok(None) => return Err(ApiError::unauthenticated()),
-            Err(e) => return Err(ApiError::internal(&e)),
+            Err(e) => return Err(crate::api::events::service_error(e.into())),
         };
         let customer = match store.get_customer(&key.customer_id).await {
             Ok(Some(c)) => c,
             Ok(None) => return Err(ApiError::unauthenticated()),
-            Err(e) => return Err(ApiError::internal(&e)),
+            Err(e) => return Err(crate::api::events::service_error(e.into())),
         };
         let caller = Caller::Customer {
             customer_id: key.customer_id,

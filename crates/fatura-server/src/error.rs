@@ -53,6 +53,8 @@ pub struct ApiError {
     code: String,
     message: String,
     details: Vec<ErrorDetail>,
+    /// Seconds for a `Retry-After` header.
+    retry_after: Option<u32>,
 }
 
 impl std::fmt::Display for ApiError {
@@ -71,6 +73,7 @@ impl ApiError {
             code: code.to_string(),
             message: message.into(),
             details: Vec::new(),
+            retry_after: None,
         }
     }
 
@@ -199,14 +202,16 @@ impl ApiError {
         }
         r
     }
-    /// 503.
+    /// 503 with `Retry-After: 1` (the database cannot be reached, …).
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(
+        let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "unavailable",
             message,
-        )
+        );
+        e.retry_after = Some(1);
+        e
     }
     /// 500: the cause is logged, never sent.
     pub fn internal(err: &dyn std::fmt::Display) -> Self {
@@ -235,7 +240,12 @@ impl IntoResponse for ApiError {
                 details: self.details,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut r = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        r
     }
 }
 

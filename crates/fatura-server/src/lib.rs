@@ -75,7 +75,11 @@ pub struct AppState {
 impl AppState {
     /// State for a service and an admin key.
     pub fn new(fatura: Arc<Fatura>, admin_key: &str) -> Self {
-        let wallets = Arc::new(wallet::WalletBook::new(fatura.store().clone()));
+        let instance_id: Arc<str> = Arc::from(format!("fatura-{:016x}", rand::random::<u64>()));
+        let wallets = Arc::new(wallet::WalletBook::new(
+            fatura.store().clone(),
+            &instance_id,
+        ));
         AppState {
             keys: Arc::new(auth::KeyCache::default()),
             wallets,
@@ -87,7 +91,7 @@ impl AppState {
             payments: None,
             sessions: Arc::new(web::Sessions::default()),
             closing: Arc::new(tokio::sync::watch::channel(false).0),
-            instance_id: Arc::from(format!("fatura-{:016x}", rand::random::<u64>())),
+            instance_id,
         }
     }
 

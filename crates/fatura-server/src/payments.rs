@@ -380,6 +380,10 @@ impl PaymentProcessor for StripeProcessor {
     }
 }
 
+/// How long a pending payment without a processor reference must have been quiet before
+/// another collector pushes it again (its pusher is presumed dead).
+pub const PUSH_STALE: chrono::Duration = chrono::Duration::seconds(60);
+
 /// Collection policy.
 #[derive(Debug, Clone, Copy)]
 pub struct CollectionPolicy {
@@ -648,8 +652,16 @@ impl Collector {
             return Ok(()); // paid; the webhook (or its replay) marks the invoice
         }
         if let Some(p) = attempts.iter().find(|p| p.status == "pending") {
-            if p.reference.is_none() {
-                // Pushed (or about to be) when the process stopped: push again, same key.
+            // Pushed (or about to be) by an instance that may have died: once it has been
+            // quiet for `PUSH_STALE` by the wall clock (not the run's `now`, which may be a
+            // simulated instant), exactly one collector claims it and pushes it again with
+            // the same idempotency key. A concurrent pusher is not stale, so two instances
+            // collecting at once never both push.
+            let wall = Utc::now();
+            if p.reference.is_none()
+                && wall >= p.updated_at + PUSH_STALE
+                && store.claim_payment_push(&p.id, p.updated_at, wall).await?
+            {
                 self.push(
                     &c,
                     p,

@@ -83,7 +83,7 @@ struct CatalogSnapshot {
 }
 
 /// What an ingestion did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestOutcome {
     /// New events recorded.
     pub accepted: u64,
@@ -91,6 +91,8 @@ pub struct IngestOutcome {
     pub duplicates: u64,
     /// Of the accepted events, those with no catalog price.
     pub unpriced: u64,
+    /// Ids of the newly recorded events.
+    pub inserted: std::collections::HashSet<String>,
 }
 
 /// What a price import did.
@@ -799,6 +801,7 @@ impl Fatura {
                         accepted,
                         duplicates: duplicates + in_batch_duplicates,
                         unpriced,
+                        inserted,
                     });
                 }
                 Err(StoreError::CatalogChanged) => {

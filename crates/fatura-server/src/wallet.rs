@@ -7,17 +7,37 @@
 //! available balance is short), and **settles** to its actual price when metered (the
 //! charge goes to the ledger with the event), releasing the rest; a failed call releases
 //! everything. With one process per database (SQLite, or one PostgreSQL instance), no
-//! number of concurrent calls can reserve more than the balance. Sharing a wallet across
-//! several instances needs reservations in PostgreSQL itself (the fleet issue).
+//! number of concurrent calls can reserve more than the balance.
+//!
+//! **Fleet mode** (a shared database: PostgreSQL). Several instances may serve the same
+//! customer, so no process's memory can be the source of truth. Each instance holds a
+//! *share* of the customer's budget in the database (`wallet_holds`), granted under a
+//! per-customer lock only while all live shares fit in the budget (a wallet's valid
+//! credits minus its charges; a spend limit minus the month's revenue). Reservations are
+//! taken locally from the share (the fast path: no database work) and the share is grown
+//! when it runs short; a call's price leaves the share in the transaction that writes its
+//! event. Every `RENEW_EVERY` the instance hands back its unused share and renews the rest
+//! (live for `HOLD_TTL`); a dead instance's share runs out and returns to the budget. So
+//! with N instances the charges never exceed the budget, unless an instance is cut off
+//! from the database for longer than `HOLD_TTL` while it still serves calls from its share
+//! (ARCHITECTURE.md: the bound).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use fatura_core::BudgetHold;
 use fatura_core::wallet::{WalletMovement, wallet_balance};
-use fatura_store::{Store, StoreError};
+use fatura_store::{HoldBasis, HoldGrant, HoldRequest, Store, StoreError};
 use rust_decimal::Decimal;
 use tokio::sync::Mutex;
+
+/// How long a budget share stays live without renewal (fleet mode).
+pub const HOLD_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often an instance hands back unused shares and renews the rest (fleet mode).
+pub const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// A share grows by the call's need plus room for this many calls like it.
+const SPARE_CALLS: i64 = 64;
 
 #[derive(Debug, Default)]
 struct WalletState {
@@ -28,6 +48,17 @@ struct WalletState {
     /// of the customer's calls in it.
     month: Option<(i32, u32)>,
     spent: Decimal,
+    /// Fleet mode: this instance's share as last known, and the settled prices not yet
+    /// written (they leave the share when their events are).
+    hold: Decimal,
+    pending: Decimal,
+}
+
+impl WalletState {
+    /// Fleet mode: what the share still covers.
+    fn spare(&self) -> Decimal {
+        self.hold - self.reserved - self.pending
+    }
 }
 
 /// An open reservation; settle or release it exactly once.
@@ -63,6 +94,8 @@ impl BalanceView {
 /// The reservation book of this process.
 pub struct WalletBook {
     store: Arc<dyn Store>,
+    /// Fleet mode: this instance's name in `wallet_holds`.
+    fleet: Option<String>,
     wallets: std::sync::Mutex<HashMap<String, Arc<Mutex<WalletState>>>>,
 }
 
@@ -91,11 +124,174 @@ pub async fn stored_balance(
 }
 
 impl WalletBook {
-    /// An empty book over `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    /// An empty book over `store`, for the instance `instance_id` (fleet mode when the
+    /// store is shared).
+    pub fn new(store: Arc<dyn Store>, instance_id: &str) -> Self {
+        let fleet = store.shared().then(|| instance_id.to_string());
         WalletBook {
             store,
+            fleet,
             wallets: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether budgets are shared with other instances through the database.
+    pub fn is_fleet(&self) -> bool {
+        self.fleet.is_some()
+    }
+
+    /// The budget share a settled price leaves when its event is written (fleet mode).
+    pub fn hold_of(&self, actual: Decimal) -> Option<BudgetHold> {
+        self.fleet.as_ref().map(|instance| BudgetHold {
+            instance: instance.clone(),
+            amount: actual,
+        })
+    }
+
+    fn snapshot(&self) -> Vec<(String, Arc<Mutex<WalletState>>)> {
+        let map = match self.wallets.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Fleet mode: takes `amount` from this instance's share, growing the share in the
+    /// database when it is short; or returns what could still be had.
+    async fn reserve_shared(
+        &self,
+        instance: &str,
+        customer_id: &str,
+        basis: HoldBasis,
+        amount: Decimal,
+    ) -> Result<Result<Reservation, Decimal>, StoreError> {
+        let entry = self.entry(customer_id);
+        let mut state = entry.lock().await;
+        let spare = state.spare();
+        if spare < amount {
+            let now = Utc::now();
+            let grant = self
+                .store
+                .grant_hold(&HoldRequest {
+                    customer_id,
+                    instance_id: instance,
+                    basis,
+                    // A negative spare (prices above their reservations: the upstream
+                    // counted more prompt tokens than the tokenizer) is covered too, or
+                    // every later call would need a grant of its own.
+                    need: amount - spare,
+                    spare: amount * Decimal::from(SPARE_CALLS),
+                    now,
+                    until: now + chrono::Duration::from_std(HOLD_TTL).unwrap_or_default(),
+                })
+                .await?;
+            match grant {
+                HoldGrant::Granted(delta) => state.hold += delta,
+                HoldGrant::Short(free) => return Ok(Err(spare.max(Decimal::ZERO) + free)),
+            }
+        }
+        state.reserved += amount;
+        Ok(Ok(Reservation {
+            customer_id: customer_id.to_string(),
+            amount,
+        }))
+    }
+
+    /// Fleet mode: the writer committed `events`; those carrying this instance's
+    /// [`BudgetHold`] are no longer pending. A newly recorded one (in `inserted`) took its
+    /// price out of the share in the database; a replay leaves it in the share as spare.
+    pub async fn written(&self, events: &[fatura_core::UsageEvent], inserted: &HashSet<String>) {
+        let Some(instance) = &self.fleet else { return };
+        for e in events {
+            let Some(hold) = e.budget_hold.as_ref().filter(|h| h.instance == *instance) else {
+                continue;
+            };
+            let entry = self.entry(e.customer_id.as_str());
+            let mut state = entry.lock().await;
+            state.pending -= hold.amount;
+            if inserted.contains(e.id.as_str()) {
+                state.hold -= hold.amount;
+            }
+        }
+    }
+
+    /// Fleet mode: hands back every unused share and renews the others; a share that ran
+    /// out while still covering calls is granted again if the budget allows (else new calls
+    /// wait for room).
+    pub async fn renew(&self) -> Result<(), StoreError> {
+        let Some(instance) = &self.fleet else {
+            return Ok(());
+        };
+        for (customer_id, entry) in self.snapshot() {
+            let mut state = entry.lock().await;
+            if state.hold.is_zero() && state.reserved.is_zero() && state.pending.is_zero() {
+                continue;
+            }
+            let release = state.spare().max(Decimal::ZERO);
+            let now = Utc::now();
+            let until = now + chrono::Duration::from_std(HOLD_TTL).unwrap_or_default();
+            let live = self
+                .store
+                .trim_hold(&customer_id, instance, release, now, until)
+                .await?;
+            state.hold -= release;
+            if !live && (state.reserved + state.pending) > Decimal::ZERO {
+                let basis = match state.month {
+                    Some(_) => None,
+                    None => Some(HoldBasis::Wallet),
+                };
+                // A spend-limit share is re-checked by its next reservation instead.
+                if let Some(basis) = basis {
+                    let grant = self
+                        .store
+                        .grant_hold(&HoldRequest {
+                            customer_id: &customer_id,
+                            instance_id: instance,
+                            basis,
+                            need: Decimal::ZERO,
+                            spare: Decimal::ZERO,
+                            now,
+                            until,
+                        })
+                        .await?;
+                    if let HoldGrant::Short(_) = grant {
+                        tracing::warn!(
+                            customer_id,
+                            "a budget share ran out while covering calls and the budget has no room for it"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fleet mode: renews shares every [`RENEW_EVERY`] for as long as the book lives.
+    pub fn start_renewals(self: &Arc<Self>) {
+        if self.fleet.is_none() {
+            return;
+        }
+        let book = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RENEW_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(book) = book.upgrade() else { break };
+                if let Err(e) = book.renew().await {
+                    tracing::warn!(error = %e, "cannot renew budget shares");
+                }
+            }
+        });
+    }
+
+    /// Fleet mode: gives every share of this instance back (a clean stop, once the metering
+    /// queue is drained).
+    pub async fn release_all(&self) {
+        if let Some(instance) = &self.fleet
+            && let Err(e) = self.store.release_holds(instance).await
+        {
+            tracing::warn!(error = %e, "cannot release budget shares; they run out by themselves");
         }
     }
 
@@ -125,6 +321,11 @@ impl WalletBook {
         customer_id: &str,
         amount: Decimal,
     ) -> Result<Result<Reservation, Decimal>, StoreError> {
+        if let Some(instance) = &self.fleet {
+            return self
+                .reserve_shared(instance, customer_id, HoldBasis::Wallet, amount)
+                .await;
+        }
         let entry = self.entry(customer_id);
         let mut state = entry.lock().await;
         self.load(&mut state, customer_id).await?;
@@ -151,14 +352,28 @@ impl WalletBook {
         now: DateTime<Utc>,
     ) -> Result<Result<Reservation, Decimal>, StoreError> {
         use chrono::Datelike;
+        let month = (now.year(), now.month());
+        let start = chrono::NaiveDate::from_ymd_opt(month.0, month.1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|d| d.and_utc())
+            .unwrap_or(now);
+        if let Some(instance) = &self.fleet {
+            self.entry(customer_id).lock().await.month = Some(month);
+            return self
+                .reserve_shared(
+                    instance,
+                    customer_id,
+                    HoldBasis::MonthlyLimit {
+                        limit,
+                        month_start: start,
+                    },
+                    amount,
+                )
+                .await;
+        }
         let entry = self.entry(customer_id);
         let mut state = entry.lock().await;
-        let month = (now.year(), now.month());
         if state.month != Some(month) {
-            let start = chrono::NaiveDate::from_ymd_opt(month.0, month.1, 1)
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-                .map(|d| d.and_utc())
-                .unwrap_or(now);
             let filter = fatura_store::UsageFilter {
                 customer_id: Some(customer_id.to_string()),
                 from: Some(start),
@@ -189,6 +404,10 @@ impl WalletBook {
         let entry = self.entry(&reservation.customer_id);
         let mut state = entry.lock().await;
         state.reserved -= reservation.amount;
+        if self.fleet.is_some() {
+            state.pending += actual;
+            return;
+        }
         // A customer is either prepaid (balance) or postpaid (spent); the other is unused.
         state.balance -= actual;
         state.spent += actual;
@@ -224,9 +443,28 @@ impl WalletBook {
         }
     }
 
-    /// The current view (loads the wallet if needed).
+    /// The current view (loads the wallet if needed). Fleet mode: the stored balance less
+    /// this instance's prices not yet written; reserved = this instance's open reservations
+    /// plus the live shares of the other instances.
     pub async fn view(&self, customer_id: &str) -> Result<BalanceView, StoreError> {
         let entry = self.entry(customer_id);
+        if let Some(instance) = &self.fleet {
+            let now = Utc::now();
+            let stored = stored_balance(self.store.as_ref(), customer_id, now).await?;
+            let others: Decimal = self
+                .store
+                .holds(customer_id, now)
+                .await?
+                .iter()
+                .filter(|h| h.live && h.instance_id != *instance)
+                .map(|h| h.amount.max(Decimal::ZERO))
+                .sum();
+            let state = entry.lock().await;
+            return Ok(BalanceView {
+                balance: (stored - state.pending).normalize(),
+                reserved: (state.reserved + others).normalize(),
+            });
+        }
         let mut state = entry.lock().await;
         self.load(&mut state, customer_id).await?;
         Ok(BalanceView {

@@ -59,6 +59,27 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
+/// Whether an error is the database being out of reach (connection refused or lost, pool
+/// exhausted or closed): callers answer 503 and may retry, rather than 500.
+pub fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            // PostgreSQL shutting down or starting (SQLSTATE class 57: 57P01 admin shutdown,
+            // 57P02 crash shutdown, 57P03 cannot connect now) or a connection exception (08).
+            Some(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+            _ => false,
+        })
+}
+
 /// Result alias.
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -574,6 +595,60 @@ pub struct StoredEvent {
     pub revenue: Option<Decimal>,
 }
 
+/// What a budget share (see [`Store::grant_hold`]) is taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldBasis {
+    /// A prepaid wallet: the credits still valid minus every charge (a lower bound of the
+    /// balance, equal to it unless a credit expired after being partly spent).
+    Wallet,
+    /// A postpaid monthly spend limit: the limit minus the month's committed revenue.
+    MonthlyLimit {
+        /// The limit (USD).
+        limit: Decimal,
+        /// The first instant of the UTC month.
+        month_start: DateTime<Utc>,
+    },
+}
+
+/// A request to grow one instance's share of a customer's budget.
+#[derive(Debug, Clone)]
+pub struct HoldRequest<'a> {
+    /// Whose budget.
+    pub customer_id: &'a str,
+    /// The instance asking.
+    pub instance_id: &'a str,
+    /// What the budget is.
+    pub basis: HoldBasis,
+    /// The least the share must grow by (may be zero: a renewal that re-checks the share).
+    pub need: Decimal,
+    /// How much more the instance would like (room for its next calls).
+    pub spare: Decimal,
+    /// Now.
+    pub now: DateTime<Utc>,
+    /// Until when the share is live.
+    pub until: DateTime<Utc>,
+}
+
+/// The answer to a [`HoldRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldGrant {
+    /// The share grew by this much (at least `need`).
+    Granted(Decimal),
+    /// Not enough is left: what this instance could still have been granted.
+    Short(Decimal),
+}
+
+/// One instance's share of a customer's budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRow {
+    /// The instance.
+    pub instance_id: String,
+    /// Budget set aside by it (open reservations and prices not yet written).
+    pub amount: Decimal,
+    /// Whether the share is live (renewed in time).
+    pub live: bool,
+}
+
 /// The storage interface of fatura.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -730,6 +805,15 @@ pub trait Store: Send + Sync + 'static {
     async fn set_payment_method(&self, id: &str, payment_method: &str) -> StoreResult<bool>;
     /// Inserts a payment attempt; false if its id exists.
     async fn insert_payment(&self, p: &PaymentRecord) -> StoreResult<bool>;
+    /// Claims the right to push again a pending payment that has no processor reference
+    /// (its pusher may have died): true for exactly one caller that saw it last updated at
+    /// `seen`; the payment's `updated_at` becomes `now`.
+    async fn claim_payment_push(
+        &self,
+        id: &str,
+        seen: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
     /// Moves a pending payment to `succeeded` or `failed` (or records its reference);
     /// returns it, or `None` if there is no such payment. A payment already settled keeps
     /// its status (a repeated outcome changes nothing).
@@ -770,6 +854,60 @@ pub trait Store: Send + Sync + 'static {
     /// process must not also publish them itself).
     fn publishes_live(&self) -> bool {
         false
+    }
+    /// Whether several processes may share this database (PostgreSQL). Budgets and rate
+    /// limits are then kept in it ([`Store::grant_hold`], [`Store::count_rate`]); otherwise
+    /// the one process keeps them in memory.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Grows `instance_id`'s share of a customer's budget, under a per-customer lock, by
+    /// `need` plus up to `spare` (at most a quarter of what would be left), only if every
+    /// live share of other instances plus this instance's whole share (live or not) stays
+    /// within the budget; the share is live until `until`.
+    async fn grant_hold(&self, _req: &HoldRequest<'_>) -> StoreResult<HoldGrant> {
+        Err(StoreError::Internal(anyhow::anyhow!(
+            "budget shares need a shared database (PostgreSQL)"
+        )))
+    }
+    /// Shrinks `instance_id`'s share by `release` and, if it is still live at `now`, extends
+    /// it to `until`. Returns whether it is live.
+    async fn trim_hold(
+        &self,
+        _customer_id: &str,
+        _instance_id: &str,
+        _release: Decimal,
+        _now: DateTime<Utc>,
+        _until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        Ok(false)
+    }
+    /// Gives up every share of `instance_id` (a clean stop, after its events are written).
+    async fn release_holds(&self, _instance_id: &str) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Every instance's share of a customer's budget.
+    async fn holds(&self, _customer_id: &str, _now: DateTime<Utc>) -> StoreResult<Vec<HoldRow>> {
+        Ok(Vec::new())
+    }
+    /// Counts a call of `tokens` for `key_id` in the minute window starting at `window_us`
+    /// unless it would pass `rpm` requests or `tpm` tokens (0: no limit; a call larger than
+    /// `tpm` on its own is admitted into an empty window). Returns whether it was admitted.
+    async fn count_rate(
+        &self,
+        _key_id: &str,
+        _window_us: i64,
+        _tokens: u64,
+        _rpm: u64,
+        _tpm: u64,
+    ) -> StoreResult<bool> {
+        Err(StoreError::Internal(anyhow::anyhow!(
+            "shared rate limits need a shared database (PostgreSQL)"
+        )))
+    }
+    /// Deletes rate-limit windows that started before `before_us`.
+    async fn prune_rate_windows(&self, _before_us: i64) -> StoreResult<()> {
+        Ok(())
     }
     /// Remembers a webhook event id; false if it was seen before.
     async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool>;

@@ -25,10 +25,11 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::{
     AlertRecord, ApiKeyRecord, BillingSettings, Customer, EventPricing, ExportRow, FxRate,
-    INSERT_CHUNK, InsertOutcome, InvoiceRecord, OutcomeRecord, PaymentRecord, PlanAssignment,
-    PlanVersionRecord, PreparedEvent, PriceImport, PricingChange, PricingData, Store, StoreError,
-    StoreResult, StoredEvent, UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count,
-    from_micros, micros, parse_terms, terms_json,
+    HoldBasis, HoldGrant, HoldRequest, HoldRow, INSERT_CHUNK, InsertOutcome, InvoiceRecord,
+    OutcomeRecord, PaymentRecord, PlanAssignment, PlanVersionRecord, PreparedEvent, PriceImport,
+    PricingChange, PricingData, Store, StoreError, StoreResult, StoredEvent, UnpricedEvent,
+    UnpricedModel, UsageFilter, WalletTransaction, count, from_micros, micros, parse_terms,
+    terms_json,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -531,6 +532,7 @@ impl Store for PgStore {
             qb.push(") AS v");
             qb.build().execute(&mut *tx).await?;
         }
+        apply_holds(&mut tx, events, &inserted).await?;
         apply_rollups(&mut tx, &crate::delta_of_inserted(events, &inserted)).await?;
         // Live views on every instance: delivered to listeners when (and only if) this
         // transaction commits.
@@ -1439,6 +1441,24 @@ impl Store for PgStore {
         Ok(res.rows_affected() == 1)
     }
 
+    async fn claim_payment_push(
+        &self,
+        id: &str,
+        seen: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "UPDATE payments SET updated_at_us = $3 WHERE id = $1 AND status = 'pending' \
+             AND reference IS NULL AND updated_at_us = $2",
+        )
+        .bind(id)
+        .bind(micros(seen))
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     async fn insert_payment(&self, p: &PaymentRecord) -> StoreResult<bool> {
         let res = sqlx::query(
             "INSERT INTO payments (id, customer_id, invoice_id, kind, amount, currency, status, reference, error, \
@@ -1557,6 +1577,162 @@ impl Store for PgStore {
         sqlx::query("UPDATE job_leases SET lease_until_us = 0 WHERE name = $1 AND owner = $2")
             .bind(name)
             .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn grant_hold(&self, req: &HoldRequest<'_>) -> StoreResult<HoldGrant> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('fatura-budget:' || $1, 0))")
+            .bind(req.customer_id)
+            .execute(&mut *tx)
+            .await?;
+        let now = micros(req.now);
+        // One statement, so one snapshot: a writer's commit moves a price from a share into
+        // the ledger atomically, and is seen entirely or not at all.
+        let (base_sql, month) = match req.basis {
+            HoldBasis::Wallet => (
+                "(SELECT COALESCE(SUM(amount), 0) FROM wallet_transactions WHERE customer_id = $1 \
+                 AND kind <> 'charge' AND (expires_at_us IS NULL OR expires_at_us > $3)) \
+                 - (SELECT COALESCE(SUM(charged), 0) FROM wallet_holds WHERE customer_id = $1)",
+                0,
+            ),
+            HoldBasis::MonthlyLimit { month_start, .. } => (
+                "-(SELECT COALESCE(SUM(revenue), 0) FROM rollups WHERE grain = 'month' \
+                 AND bucket_us = $4 AND customer_id = $1)",
+                micros(month_start),
+            ),
+        };
+        let sql = format!(
+            "SELECT ({base_sql})::NUMERIC AS base, \
+             (SELECT COALESCE(SUM(amount), 0) FROM wallet_holds WHERE customer_id = $1 \
+              AND instance_id <> $2 AND expires_at_us > $3)::NUMERIC AS others, \
+             (SELECT COALESCE(SUM(amount), 0) FROM wallet_holds WHERE customer_id = $1 \
+              AND instance_id = $2)::NUMERIC AS mine"
+        );
+        let row = sqlx::query(&sql)
+            .bind(req.customer_id)
+            .bind(req.instance_id)
+            .bind(now)
+            .bind(month)
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut base: Decimal = row.try_get("base")?;
+        if let HoldBasis::MonthlyLimit { limit, .. } = req.basis {
+            base += limit;
+        }
+        let others: Decimal = row.try_get("others")?;
+        let mine: Decimal = row.try_get("mine")?;
+        let free = base - others - mine.max(Decimal::ZERO);
+        if free < req.need {
+            tx.rollback().await?;
+            return Ok(HoldGrant::Short(free.max(Decimal::ZERO)));
+        }
+        let extra = req
+            .spare
+            .max(Decimal::ZERO)
+            .min(((free - req.need) / Decimal::from(4)).max(Decimal::ZERO));
+        let delta = req.need + extra;
+        sqlx::query(
+            "INSERT INTO wallet_holds (customer_id, instance_id, amount, charged, expires_at_us) \
+             VALUES ($1, $2, $3, 0, $4) ON CONFLICT (customer_id, instance_id) DO UPDATE \
+             SET amount = wallet_holds.amount + EXCLUDED.amount, expires_at_us = EXCLUDED.expires_at_us",
+        )
+        .bind(req.customer_id)
+        .bind(req.instance_id)
+        .bind(delta)
+        .bind(micros(req.until))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(HoldGrant::Granted(delta))
+    }
+
+    async fn trim_hold(
+        &self,
+        customer_id: &str,
+        instance_id: &str,
+        release: Decimal,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let live: Option<bool> = sqlx::query_scalar(
+            "UPDATE wallet_holds SET amount = amount - $3, \
+             expires_at_us = CASE WHEN expires_at_us > $4 THEN $5 ELSE expires_at_us END \
+             WHERE customer_id = $1 AND instance_id = $2 RETURNING expires_at_us > $4",
+        )
+        .bind(customer_id)
+        .bind(instance_id)
+        .bind(release)
+        .bind(micros(now))
+        .bind(micros(until))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(live.unwrap_or(false))
+    }
+
+    async fn release_holds(&self, instance_id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE wallet_holds SET amount = 0, expires_at_us = 0 WHERE instance_id = $1")
+            .bind(instance_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn holds(&self, customer_id: &str, now: DateTime<Utc>) -> StoreResult<Vec<HoldRow>> {
+        let rows = sqlx::query(
+            "SELECT instance_id, amount, expires_at_us > $2 AS live FROM wallet_holds \
+             WHERE customer_id = $1 AND instance_id <> '' ORDER BY instance_id",
+        )
+        .bind(customer_id)
+        .bind(micros(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(HoldRow {
+                    instance_id: r.try_get("instance_id")?,
+                    amount: r.try_get("amount")?,
+                    live: r.try_get("live")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_rate(
+        &self,
+        key_id: &str,
+        window_us: i64,
+        tokens: u64,
+        rpm: u64,
+        tpm: u64,
+    ) -> StoreResult<bool> {
+        let admitted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO rate_windows (key_id, window_us, requests, tokens) VALUES ($1, $2, 1, $3) \
+             ON CONFLICT (key_id, window_us) DO UPDATE SET requests = rate_windows.requests + 1, \
+             tokens = rate_windows.tokens + EXCLUDED.tokens \
+             WHERE ($4 = 0 OR rate_windows.requests < $4) \
+             AND ($5 = 0 OR rate_windows.tokens = 0 OR rate_windows.tokens + EXCLUDED.tokens <= $5) \
+             RETURNING requests",
+        )
+        .bind(key_id)
+        .bind(window_us)
+        .bind(u(tokens))
+        .bind(u(rpm))
+        .bind(u(tpm))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(admitted.is_some())
+    }
+
+    async fn prune_rate_windows(&self, before_us: i64) -> StoreResult<()> {
+        sqlx::query("DELETE FROM rate_windows WHERE window_us < $1")
+            .bind(before_us)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -1778,6 +1954,52 @@ fn rollup_from_row(r: &PgRow) -> StoreResult<(RollupKey, RollupTotals)> {
 }
 
 /// Adds `delta` to the rollup rows, exactly (NUMERIC arithmetic in the upsert).
+/// Moves the prices of newly recorded gateway calls out of their instances' budget shares
+/// and adds wallet charges to the charged totals, in the events' transaction. Rows are
+/// touched in key order, so concurrent writers cannot deadlock.
+async fn apply_holds(
+    tx: &mut sqlx::PgConnection,
+    events: &[PreparedEvent],
+    inserted: &HashSet<String>,
+) -> StoreResult<()> {
+    let mut sums: std::collections::BTreeMap<(&str, &str), (Decimal, Decimal)> =
+        std::collections::BTreeMap::new();
+    for p in events {
+        let e = &p.event;
+        if !inserted.contains(e.id.as_str())
+            || (e.budget_hold.is_none() && e.prepaid_charge.is_none())
+        {
+            continue;
+        }
+        let instance = e.budget_hold.as_ref().map_or("", |h| h.instance.as_str());
+        let entry = sums.entry((e.customer_id.as_str(), instance)).or_default();
+        entry.0 += e.budget_hold.as_ref().map_or(Decimal::ZERO, |h| h.amount);
+        entry.1 += e.prepaid_charge.unwrap_or_default();
+    }
+    let rows: Vec<_> = sums.into_iter().collect();
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "INSERT INTO wallet_holds (customer_id, instance_id, amount, charged, expires_at_us) ",
+        );
+        qb.push_values(
+            chunk,
+            |mut b, ((customer, instance), (released, charged))| {
+                b.push_bind(*customer)
+                    .push_bind(*instance)
+                    .push_bind(-*released)
+                    .push_bind(*charged)
+                    .push_bind(0_i64);
+            },
+        );
+        qb.push(
+            " ON CONFLICT (customer_id, instance_id) DO UPDATE SET \
+             amount = wallet_holds.amount + EXCLUDED.amount, charged = wallet_holds.charged + EXCLUDED.charged",
+        );
+        qb.build().execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
 async fn apply_rollups(tx: &mut sqlx::PgConnection, delta: &RollupDelta) -> StoreResult<()> {
     let rows: Vec<(&RollupKey, &RollupTotals)> = delta.iter().collect();
     for chunk in rows.chunks(INSERT_CHUNK / 2) {

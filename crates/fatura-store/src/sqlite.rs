@@ -1443,6 +1443,24 @@ impl Store for SqliteStore {
         Ok(res.rows_affected() == 1)
     }
 
+    async fn claim_payment_push(
+        &self,
+        id: &str,
+        seen: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "UPDATE payments SET updated_at_us = ?3 WHERE id = ?1 AND status = 'pending' \
+             AND reference IS NULL AND updated_at_us = ?2",
+        )
+        .bind(id)
+        .bind(micros(seen))
+        .bind(micros(now))
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     async fn insert_payment(&self, p: &PaymentRecord) -> StoreResult<bool> {
         let res = sqlx::query(
             "INSERT INTO payments (id, customer_id, invoice_id, kind, amount, currency, status, reference, error, \

@@ -328,8 +328,12 @@ async fn build_server(
     }
     let mut writer = None;
     if let Some(gw) = gateway {
-        let (meter, w) =
-            fatura_server::gateway::Meter::start(fatura.clone(), &gw, state.metrics.clone());
+        let (meter, w) = fatura_server::gateway::Meter::start(
+            fatura.clone(),
+            &gw,
+            state.metrics.clone(),
+            state.wallets.clone(),
+        );
         let gateway = fatura_server::gateway::Gateway::new(gw, meter, |v| std::env::var(v).ok())
             .map_err(anyhow::Error::msg)?;
         state = state.with_gateway(Arc::new(gateway));

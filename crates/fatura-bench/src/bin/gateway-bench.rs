@@ -10,21 +10,26 @@
 //!   p50/p99 latency of each, and the *added* latency (gateway − direct);
 //! * **max throughput**: closed loop with `--connections` concurrent callers;
 //! * the gateway's resident memory after each phase;
+//! * with `--litellm PATH` (the `litellm` executable of a `litellm[proxy]` install), the
+//!   LiteLLM proxy in front of the same mock upstream, measured in the same phases;
+//! * with `--memory-minutes M`, a long phase at `--memory-rate` req/s through the gateway,
+//!   sampling its resident memory every 10 s (flat, not growing);
 //! * a check that the ledger holds exactly one event per successful gateway call.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use fatura_bench::quantile;
+use fatura_bench::{
+    ADMIN, Proc, bench_customer, fatura_bin, free_port, group_pids, quantile, rss_mib, wait_ready,
+};
 use serde_json::{Value, json};
-
-const ADMIN: &str = "bench-admin-key-0123456789";
 
 #[derive(Debug, Parser)]
 #[command(about = "Gateway added latency and throughput vs direct calls to the mock upstream")]
@@ -44,64 +49,83 @@ struct Args {
     /// Completion tokens per call (stream chunks).
     #[arg(long, default_value_t = 20)]
     completion_tokens: u64,
+    /// The `litellm` executable (from `pip install 'litellm[proxy]'`): measure the LiteLLM
+    /// proxy on the same mock upstream in the same run.
+    #[arg(long, env = "LITELLM_BIN")]
+    litellm: Option<PathBuf>,
+    /// LiteLLM proxy worker processes (`--num_workers`; fatura runs on 2 threads).
+    #[arg(long, default_value_t = 2)]
+    litellm_workers: u32,
+    /// Minutes of the memory phase (0: skipped).
+    #[arg(long, default_value_t = 0)]
+    memory_minutes: u64,
+    /// Offered rate of the memory phase (requests/s, non-streaming).
+    #[arg(long, default_value_t = 2000)]
+    memory_rate: u64,
 }
 
-struct Proc(Child);
+/// The LiteLLM proxy's master key (it refuses to start with a weak one).
+const LITELLM_KEY: &str = "sk-litellm-bench-master-key-0123456789abcdef";
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn fatura_bin() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("FATURA_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("no parent")?.join("fatura");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it with the same profile (cargo build -p fatura)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait_ready(url: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Starts the LiteLLM proxy in front of the mock upstream; returns it and its base URL.
+async fn start_litellm(
+    bin: &std::path::Path,
+    workers: u32,
+    direct: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Proc, String)> {
+    let port = free_port()?;
+    let cfg = dir.join("litellm.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model_list:\n  - model_name: gpt-4o\n    litellm_params:\n      model: openai/gpt-4o\n      api_base: {direct}\n      api_key: sk-bench-upstream\n"
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("litellm.log"))?;
+    let proc = Proc(
+        Command::new(bin)
+            // Its own process group, so that its worker processes stop with it.
+            .process_group(0)
+            .args([
+                "--config",
+                cfg.to_str().context("path")?,
+                "--host",
+                "127.0.0.1",
+                "--port",
+            ])
+            .arg(port.to_string())
+            .args(["--num_workers", &workers.to_string()])
+            .env("LITELLM_MASTER_KEY", LITELLM_KEY)
+            .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            .env("LITELLM_LOG", "ERROR")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting litellm")?,
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let client = reqwest::Client::new();
     loop {
-        if let Ok(r) = reqwest::get(url).await
+        if let Ok(r) = client
+            .get(format!("{base}/v1/models"))
+            .bearer_auth(LITELLM_KEY)
+            .send()
+            .await
             && r.status().is_success()
         {
-            return Ok(());
+            break;
         }
         if Instant::now() > deadline {
-            bail!("{url} never became ready");
+            bail!(
+                "litellm never became ready (see {})",
+                dir.join("litellm.log").display()
+            );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+    Ok((proc, format!("{base}/v1")))
 }
 
 struct Env {
@@ -111,7 +135,7 @@ struct Env {
     through: String,
     key: String,
     admin_base: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn start(args: &Args) -> anyhow::Result<Env> {
@@ -169,44 +193,15 @@ async fn start(args: &Args) -> anyhow::Result<Env> {
     );
     let admin_base = format!("http://127.0.0.1:{port}");
     wait_ready(&format!("{admin_base}/readyz")).await?;
-    let client = reqwest::Client::new();
-    let admin = |path: &str| {
-        client
-            .post(format!("{admin_base}{path}"))
-            .bearer_auth(ADMIN)
-    };
-    admin("/v1/customers")
-        .json(&json!({"id": "bench", "name": "Bench", "billing_mode": "prepaid"}))
-        .send()
-        .await?
-        .error_for_status()?;
-    admin("/v1/customers/bench/wallet/credits")
-        .json(&json!({"amount": "100000000", "currency": "USD", "kind": "purchased"}))
-        .send()
-        .await?
-        .error_for_status()?;
-    let catalog = json!({"data": [{"id": "gpt-4o", "pricing": {"prompt": "0.0000025", "completion": "0.00001"}}]});
-    admin(
-        "/v1/prices/import?format=openrouter&provider=openai&effective_from=2020-01-01T00:00:00Z",
-    )
-    .json(&catalog)
-    .send()
-    .await?
-    .error_for_status()?;
-    let key: Value = admin("/v1/customers/bench/keys")
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let key = bench_customer(&admin_base, true).await?;
     Ok(Env {
         _mock: mock,
         gateway,
         direct,
         through: format!("{admin_base}/v1"),
-        key: key["key"].as_str().context("key")?.to_string(),
+        key,
         admin_base,
-        _dir: dir,
+        dir,
     })
 }
 
@@ -256,6 +251,8 @@ async fn fixed_rate(base: &str, key: &str, stream: bool, rate: u64, seconds: u64
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4096)
         .tcp_nodelay(true)
+        // A peer that cannot keep up fails its calls rather than hold the phase forever.
+        .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
     let url = Arc::new(format!("{base}/chat/completions"));
@@ -366,11 +363,21 @@ async fn main() -> anyhow::Result<()> {
         .split(',')
         .map(|r| r.trim().parse())
         .collect::<Result<_, _>>()?;
+    let litellm = match &args.litellm {
+        Some(bin) => {
+            Some(start_litellm(bin, args.litellm_workers, &env.direct, env.dir.path()).await?)
+        }
+        None => None,
+    };
     // Warm-up, not measured: connection pools, the key cache, the wallet and the catalog.
     for stream in [false, true] {
         fixed_rate(&env.direct, "sk-bench-upstream", stream, 200, 1).await;
         fixed_rate(&env.through, &env.key, stream, 200, 1).await;
+        if let Some((_, base)) = &litellm {
+            fixed_rate(base, LITELLM_KEY, stream, 50, 2).await;
+        }
     }
+    let mut fatura_rows = Vec::new();
     println!(
         "| mode | offered req/s | direct p50 ms | direct p99 ms | gateway p50 ms | gateway p99 ms | added p50 ms | added p99 ms | fatura's own p50 ≤ ms | fatura's own p99 ≤ ms | gateway achieved req/s | failed (direct/gateway) | gateway RSS MiB |"
     );
@@ -382,6 +389,13 @@ async fn main() -> anyhow::Result<()> {
             let g = fixed_rate(&env.through, &env.key, stream, rate, args.seconds).await;
             let (own50, own99) =
                 overhead_between(&before, &overhead_histogram(&env.admin_base).await?);
+            fatura_rows.push((
+                stream,
+                rate,
+                g.p50_ms - d.p50_ms,
+                g.p99_ms - d.p99_ms,
+                g.achieved,
+            ));
             println!(
                 "| {} | {rate} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {own50:.3} | {own99:.3} | {:.0} | {}/{} | {:.1} |",
                 if stream { "stream" } else { "json" },
@@ -428,6 +442,77 @@ async fn main() -> anyhow::Result<()> {
             rss_mib(pid)
         );
     }
+    if let Some((proc, base)) = &litellm {
+        // The peer after fatura's phases, each preceded by its own direct baseline and
+        // followed by a wait until the proxy has worked off any backlog (a proxy that
+        // cannot keep up goes on processing queued calls after the client gave up on them,
+        // which would otherwise load the next phase).
+        let pgid = proc.0.id();
+        quiesce(pgid).await;
+        println!();
+        println!(
+            "The LiteLLM proxy (`litellm[proxy]`, {} workers) on the same mock upstream, in the same run; fatura's figures from the table above:",
+            args.litellm_workers
+        );
+        println!();
+        println!(
+            "| mode | offered req/s | direct p50 ms | direct p99 ms | LiteLLM p50 ms | LiteLLM p99 ms | LiteLLM added p50 ms | LiteLLM added p99 ms | fatura added p50 ms | fatura added p99 ms | LiteLLM achieved req/s | fatura achieved req/s | LiteLLM failed | LiteLLM RSS MiB (all workers) |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for &(stream, rate, f50, f99, fachieved) in &fatura_rows {
+            let d = fixed_rate(&env.direct, "sk-bench-upstream", stream, rate, args.seconds).await;
+            let l = fixed_rate(base, LITELLM_KEY, stream, rate, args.seconds).await;
+            let rss = group_rss_mib(pgid);
+            quiesce(pgid).await;
+            println!(
+                "| {} | {rate} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {f50:.3} | {f99:.3} | {:.0} | {fachieved:.0} | {} | {rss:.0} |",
+                if stream { "stream" } else { "json" },
+                d.p50_ms,
+                d.p99_ms,
+                l.p50_ms,
+                l.p99_ms,
+                l.p50_ms - d.p50_ms,
+                l.p99_ms - d.p99_ms,
+                l.achieved,
+                l.failed,
+            );
+        }
+        println!();
+        println!(
+            "| mode | connections | direct max req/s | LiteLLM max req/s | LiteLLM / direct |"
+        );
+        println!("|---|---|---|---|---|");
+        for stream in [false, true] {
+            let d = max_throughput(
+                &env.direct,
+                "sk-bench-upstream",
+                stream,
+                args.connections,
+                args.throughput_seconds,
+            )
+            .await;
+            let l = max_throughput(
+                base,
+                LITELLM_KEY,
+                stream,
+                args.connections,
+                args.throughput_seconds,
+            )
+            .await;
+            quiesce(pgid).await;
+            println!(
+                "| {} | {} | {d:.0} | {l:.0} | {:.4} |",
+                if stream { "stream" } else { "json" },
+                args.connections,
+                l / d
+            );
+        }
+    }
+    drop(litellm);
+
+    if args.memory_minutes > 0 {
+        memory_phase(&env, args.memory_rate, args.memory_minutes, pid).await;
+    }
     // Once the meter has drained, the ledger holds one event and one wallet charge per
     // metered call.
     drained(&env.admin_base).await?;
@@ -436,6 +521,89 @@ async fn main() -> anyhow::Result<()> {
     println!("gateway calls metered (events in the ledger): {events}");
     check_wallet(&env.admin_base, events).await?;
     Ok(())
+}
+
+/// CPU seconds used so far by the process group `pgid` (utime + stime).
+fn group_cpu_seconds(pgid: u32) -> f64 {
+    group_pids(pgid)
+        .iter()
+        .filter_map(|pid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .sum()
+}
+
+/// Resident memory of the process group `pgid`.
+fn group_rss_mib(pgid: u32) -> f64 {
+    group_pids(pgid).into_iter().map(rss_mib).sum()
+}
+
+/// Waits until the process group `pgid` is idle (under 5% of a core over a second).
+async fn quiesce(pgid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut last = group_cpu_seconds(pgid);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = group_cpu_seconds(pgid);
+        if now - last < 0.05 || Instant::now() > deadline {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// The gateway under a steady `rate` for `minutes`: its resident memory every 10 s, and the
+/// slope of a least-squares line through the samples after the first minute (warm-up).
+async fn memory_phase(env: &Env, rate: u64, minutes: u64, pid: u32) {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut samples = vec![(0.0, rss_mib(pid))];
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.tick().await;
+            while !done.load(Ordering::Relaxed) {
+                tick.tick().await;
+                samples.push((started.elapsed().as_secs_f64() / 60.0, rss_mib(pid)));
+            }
+            samples
+        })
+    };
+    let phase = fixed_rate(&env.through, &env.key, false, rate, minutes * 60).await;
+    done.store(true, Ordering::Relaxed);
+    let samples = sampler.await.unwrap_or_default();
+    let warm: Vec<(f64, f64)> = samples.iter().copied().filter(|(t, _)| *t >= 1.0).collect();
+    let n = warm.len() as f64;
+    let (mt, mr) = (
+        warm.iter().map(|s| s.0).sum::<f64>() / n,
+        warm.iter().map(|s| s.1).sum::<f64>() / n,
+    );
+    let slope = warm.iter().map(|(t, r)| (t - mt) * (r - mr)).sum::<f64>()
+        / warm.iter().map(|(t, _)| (t - mt).powi(2)).sum::<f64>();
+    let max = samples.iter().map(|s| s.1).fold(f64::MIN, f64::max);
+    println!();
+    println!(
+        "memory phase: {rate} req/s for {minutes} min (json), achieved {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, failed {}",
+        phase.achieved, phase.p50_ms, phase.p99_ms, phase.failed
+    );
+    println!(
+        "gateway RSS MiB: start {:.1}, after 1 min {:.1}, max {max:.1}, end {:.1}; slope after the first minute {slope:+.3} MiB/min",
+        samples.first().map_or(f64::NAN, |s| s.1),
+        warm.first().map_or(f64::NAN, |s| s.1),
+        samples.last().map_or(f64::NAN, |s| s.1),
+    );
+    println!(
+        "samples (min, MiB): {}",
+        samples
+            .iter()
+            .map(|(t, r)| format!("{t:.1}:{r:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 }
 
 /// The gateway's overhead histogram (time in the handler minus time waiting on the

@@ -419,6 +419,16 @@ pub async fn scheduler_tick(
     if let Err(e) = state.fatura.prune_minute_rollups(now).await {
         tracing::warn!(error = %e, "pruning minute rollups failed; retrying at the next tick");
     }
+    // Rate-limit windows of past minutes (fleet mode) are no longer read.
+    let two_minutes_ago = (now - chrono::Duration::minutes(2)).timestamp_micros();
+    if let Err(e) = state
+        .fatura
+        .store()
+        .prune_rate_windows(two_minutes_ago)
+        .await
+    {
+        tracing::warn!(error = %e, "pruning rate-limit windows failed; retrying at the next tick");
+    }
     if let Some(c) = &state.payments
         && let Err(e) = c.collect_due(now).await
     {

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use super::config::{Durability, GatewayConfig};
 use crate::metrics::Metrics;
 use crate::service::{Fatura, ServiceError};
+use crate::wallet::WalletBook;
 
 /// An event as written to the spill file.
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,6 +53,9 @@ struct Spilled {
     /// The wallet charge of a prepaid call: replayed with the event, never lost.
     #[serde(default)]
     prepaid_charge: Option<Decimal>,
+    /// The budget share the call was reserved from (fleet mode): instance and price.
+    #[serde(default)]
+    hold: Option<(String, Decimal)>,
 }
 
 impl From<&UsageEvent> for Spilled {
@@ -74,6 +78,10 @@ impl From<&UsageEvent> for Spilled {
             upstream: e.upstream.clone(),
             estimated: e.estimated,
             prepaid_charge: e.prepaid_charge,
+            hold: e
+                .budget_hold
+                .as_ref()
+                .map(|h| (h.instance.clone(), h.amount)),
         }
     }
 }
@@ -107,6 +115,9 @@ impl Spilled {
             None => event,
         };
         event.prepaid_charge = self.prepaid_charge;
+        event.budget_hold = self
+            .hold
+            .map(|(instance, amount)| fatura_core::BudgetHold { instance, amount });
         Ok(event)
     }
 }
@@ -146,12 +157,14 @@ impl MeterWriter {
 }
 
 impl Meter {
-    /// Starts the writer.
+    /// Starts the writer (and, in fleet mode, the renewal of budget shares).
     pub fn start(
         fatura: Arc<Fatura>,
         config: &GatewayConfig,
         metrics: Arc<Metrics>,
+        wallets: Arc<WalletBook>,
     ) -> (Meter, MeterWriter) {
+        wallets.start_renewals();
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let depth = Arc::new(AtomicI64::new(0));
         let spill_path = PathBuf::from(&config.spill_path);
@@ -166,6 +179,7 @@ impl Meter {
             spill,
             depth: depth.clone(),
             metrics,
+            wallets,
         };
         let handle = tokio::spawn(writer.run());
         (
@@ -232,6 +246,7 @@ struct Writer {
     spill: Option<std::fs::File>,
     depth: Arc<AtomicI64>,
     metrics: Arc<Metrics>,
+    wallets: Arc<WalletBook>,
 }
 
 impl Writer {
@@ -274,6 +289,8 @@ impl Writer {
         if spill_pending && !self.replay_spill().await {
             tracing::warn!(path = %self.spill_path.display(), "events remain in the spill file; they are replayed at next start");
         }
+        // Every call's price has left its share or is in the spill file: the shares go back.
+        self.wallets.release_all().await;
         tracing::info!("metering queue drained");
     }
 
@@ -295,6 +312,7 @@ impl Writer {
             Ok(out) => {
                 self.metrics.events_accepted.inc_by(out.accepted);
                 self.metrics.events_unpriced.inc_by(out.unpriced);
+                self.wallets.written(&events, &out.inserted).await;
                 true
             }
             Err(ServiceError::Internal(e)) => {
@@ -393,7 +411,7 @@ impl Writer {
         for chunk in events.chunks(self.max_batch) {
             let indexed: Vec<(usize, UsageEvent)> = chunk.iter().cloned().enumerate().collect();
             match self.fatura.record_events(indexed, Utc::now()).await {
-                Ok(_) => {}
+                Ok(out) => self.wallets.written(chunk, &out.inserted).await,
                 Err(ServiceError::Internal(e)) => {
                     tracing::debug!(error = %format!("{e:#}"), "spill replay deferred");
                     return false;
@@ -407,7 +425,11 @@ impl Writer {
                             .record_events(vec![(0, event.clone())], Utc::now())
                             .await
                         {
-                            Ok(_) => {}
+                            Ok(out) => {
+                                self.wallets
+                                    .written(std::slice::from_ref(event), &out.inserted)
+                                    .await;
+                            }
                             Err(ServiceError::Internal(_)) => return false,
                             Err(e) => self.reject(event, &e.to_string()),
                         }

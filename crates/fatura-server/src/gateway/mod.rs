@@ -71,26 +71,42 @@ impl RateLimiter {
         w.2 = w.2.saturating_add(tokens);
         Ok(())
     }
+}
 
-    /// Admits under this gateway's configured limits.
-    pub fn check(
+impl Gateway {
+    /// Admits a call of `tokens` for `key` under the configured per-key limits, or returns
+    /// the seconds until the window ends. With a shared database (a fleet), every instance
+    /// counts in it (one conditional upsert per call, so N instances admit no more than one
+    /// would); if that database cannot be reached, this instance counts alone meanwhile.
+    pub async fn admit(
         &self,
-        config: &GatewayConfig,
+        store: &dyn fatura_store::Store,
         key: &str,
         tokens: u64,
         now_secs: i64,
     ) -> Result<(), u64> {
-        self.admit(
-            key,
-            tokens,
-            now_secs,
-            config.requests_per_minute,
-            config.tokens_per_minute,
-        )
+        let (rpm, tpm) = (
+            self.config.requests_per_minute,
+            self.config.tokens_per_minute,
+        );
+        if store.shared() {
+            let minute = now_secs.div_euclid(60);
+            match store
+                .count_rate(key, minute * 60_000_000, tokens, rpm, tpm)
+                .await
+            {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    return Err(u64::try_from(60 - now_secs.rem_euclid(60)).unwrap_or(60));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "shared rate limits unavailable: counting on this instance");
+                }
+            }
+        }
+        self.limits.admit(key, tokens, now_secs, rpm, tpm)
     }
-}
 
-impl Gateway {
     /// Builds the gateway, reading provider keys through `env` (the process environment in
     /// production). Every upstream's `api_key_env` must be set.
     pub fn new(

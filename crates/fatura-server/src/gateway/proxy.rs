@@ -133,6 +133,7 @@ impl CallContext {
             if guard.charge_wallet {
                 event.prepaid_charge = Some(actual);
             }
+            event.budget_hold = guard.book.hold_of(actual);
             guard.settle(actual).await;
         }
         self.gateway.meter.record(event).await;
@@ -418,8 +419,13 @@ async fn proxy(
             0
         };
         if let Err(retry) = gateway
-            .limits
-            .check(limits, &key_id, tokens, Utc::now().timestamp())
+            .admit(
+                state.fatura.store().as_ref(),
+                &key_id,
+                tokens,
+                Utc::now().timestamp(),
+            )
+            .await
         {
             outcome(&state.metrics, "none", "rate_limited");
             return Err(ApiError::rate_limited(
@@ -743,7 +749,16 @@ async fn reserve(
             .with_code("spend_limit_reached")
             .into_response())
         }
-        Err(e) => Err(ApiError::internal(&e).into_response()),
+        // The budget is in the database (a share must grow) and it cannot be reached: no
+        // call may run unreserved; the caller may retry.
+        Err(e) => {
+            tracing::warn!(error = %e, customer_id, "cannot reserve the call's price");
+            outcome(&state.metrics, "none", "budget_unavailable");
+            Err(ApiError::unavailable(
+                "cannot reserve this call's price right now (the database is unavailable); retry shortly",
+            )
+            .into_response())
+        }
     }
 }
 

@@ -2,6 +2,9 @@
 //! SQLite file, or a new PostgreSQL database per test), spoken to over HTTP.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod serve;
+pub mod stripe;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -119,8 +122,12 @@ impl TestApp {
             if !gw.spill_path.starts_with('/') {
                 gw.spill_path = dir.path().join(&gw.spill_path).display().to_string();
             }
-            let (meter, w) =
-                fatura_server::gateway::Meter::start(fatura.clone(), &gw, state.metrics.clone());
+            let (meter, w) = fatura_server::gateway::Meter::start(
+                fatura.clone(),
+                &gw,
+                state.metrics.clone(),
+                state.wallets.clone(),
+            );
             let gateway = fatura_server::gateway::Gateway::new(gw, meter, |var| {
                 std::env::var(var).ok().or_else(|| {
                     TEST_ENV
