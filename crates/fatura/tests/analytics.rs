@@ -515,7 +515,20 @@ async fn forecast_projects_the_cycle_and_when_the_balance_runs_out(backend: Back
     let w = |d: DateTime<Utc>| weekly[d.weekday().num_days_from_monday() as usize];
     let revenue =
         |d: DateTime<Utc>| Decimal::from(w(d)) * Decimal::new(25, 2) / Decimal::new(13, 2);
-    let today = Utc.with_ymd_and_hms(2026, 11, 24, 0, 0, 0).unwrap();
+    // Anchored on the wall clock: the credit is granted now, so the forecast is asked for
+    // now (a balance is read as of `at`), and the history is the 35 days before today.
+    let at = Utc::now();
+    let today = Grain::Day.bucket(at);
+    let month_start = Utc
+        .with_ymd_and_hms(today.year(), today.month(), 1, 0, 0, 0)
+        .unwrap();
+    let month_end = if today.month() == 12 {
+        Utc.with_ymd_and_hms(today.year() + 1, 1, 1, 0, 0, 0)
+            .unwrap()
+    } else {
+        Utc.with_ymd_and_hms(today.year(), today.month() + 1, 1, 0, 0, 0)
+            .unwrap()
+    };
     let mut events = Vec::new();
     for back in 1..=35 {
         let day = today - chrono::Duration::days(back);
@@ -528,17 +541,22 @@ async fn forecast_projects_the_cycle_and_when_the_balance_runs_out(backend: Back
     }
     let (s, body) = app.post("/v1/events", &json!({ "events": events })).await;
     assert_eq!(s, StatusCode::OK, "{body}");
+    let at_param = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let (s, f) = app
-        .get("/v1/analytics/forecast?customer_id=p&at=2026-11-24T12:00:00Z")
+        .get(&format!(
+            "/v1/analytics/forecast?customer_id=p&at={at_param}"
+        ))
         .await;
     assert_eq!(s, StatusCode::OK, "{f}");
-    assert_eq!(f["horizon_days"], 7, "Nov 24–30: {f}");
+    assert_eq!(
+        f["horizon_days"],
+        (month_end - today).num_days(),
+        "today to the month's end: {f}"
+    );
     let dec = |v: &Value| v.as_str().unwrap().parse::<Decimal>().unwrap();
-    // The whole of November at the pattern's pace.
-    let expected: Decimal = (0..30)
-        .map(|i| {
-            revenue(Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap() + chrono::Duration::days(i))
-        })
+    // The whole month at the pattern's pace.
+    let expected: Decimal = (0..(month_end - month_start).num_days())
+        .map(|i| revenue(month_start + chrono::Duration::days(i)))
         .sum();
     let projected = dec(&f["revenue"]["projected"]);
     let err = ((projected - expected) / expected).abs();
@@ -558,6 +576,14 @@ async fn forecast_projects_the_cycle_and_when_the_balance_runs_out(backend: Back
         }
         day += chrono::Duration::days(1);
     }
+    // Over a fixed two-week horizon, so the day falls inside it whatever today is.
+    let (s, f) = app
+        .get(&format!(
+            "/v1/analytics/forecast?customer_id=p&at={at_param}&horizon=14"
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{f}");
+    assert_eq!(f["horizon_days"], 14, "{f}");
     assert_eq!(f["balance"], "100");
     assert_eq!(
         f["balance_runs_out_on"],
@@ -576,7 +602,7 @@ async fn forecast_projects_the_cycle_and_when_the_balance_runs_out(backend: Back
     // A customer key sees its own forecast without cost; others' are refused.
     let key = app.key_for("p").await;
     let (s, mine) = app
-        .get_as(Some(&key), "/v1/analytics/forecast?at=2026-11-24T12:00:00Z")
+        .get_as(Some(&key), &format!("/v1/analytics/forecast?at={at_param}"))
         .await;
     assert_eq!(s, StatusCode::OK, "{mine}");
     assert!(mine.get("cost").is_none());
