@@ -126,6 +126,22 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
+/// Resident memory of a process by kind (MiB): anonymous (the heap and stacks), file-backed
+/// (the binary, shared libraries, mapped files) and shared memory (e.g. SQLite's WAL index),
+/// from `/proc/<pid>/status`.
+pub fn rss_kinds_mib(pid: u32) -> (f64, f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(f64::NAN, |kib| kib / 1024.0)
+    };
+    (field("RssAnon:"), field("RssFile:"), field("RssShmem:"))
+}
+
 /// CPU seconds (user + system) of a process so far, from `/proc/<pid>/stat`.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

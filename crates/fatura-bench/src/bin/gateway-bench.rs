@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use fatura_bench::{
-    ADMIN, Proc, bench_customer, fatura_bin, free_port, group_pids, quantile, rss_mib, wait_ready,
+    ADMIN, Proc, bench_customer, fatura_bin, free_port, group_pids, quantile, rss_kinds_mib, rss_mib,
+    wait_ready,
 };
 use serde_json::{Value, json};
 
@@ -559,23 +560,31 @@ async fn quiesce(pgid: u32) {
 /// slope of a least-squares line through the samples after the first minute (warm-up).
 async fn memory_phase(env: &Env, rate: u64, minutes: u64, pid: u32) {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let db = env.dir.path().join("gw.db");
     let sampler = {
         let done = done.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let mut samples = vec![(0.0, rss_mib(pid))];
+            let mut kinds = vec![breakdown(pid, &db)];
             let mut tick = tokio::time::interval(Duration::from_secs(10));
             tick.tick().await;
             while !done.load(Ordering::Relaxed) {
                 tick.tick().await;
-                samples.push((started.elapsed().as_secs_f64() / 60.0, rss_mib(pid)));
+                let t = started.elapsed().as_secs_f64() / 60.0;
+                samples.push((t, rss_mib(pid)));
+                // The breakdown once a minute.
+                if samples.len() % 6 == 1 {
+                    kinds.push(breakdown(pid, &db));
+                }
             }
-            samples
+            kinds.push(breakdown(pid, &db));
+            (samples, kinds)
         })
     };
     let phase = fixed_rate(&env.through, &env.key, false, rate, minutes * 60).await;
     done.store(true, Ordering::Relaxed);
-    let samples = sampler.await.unwrap_or_default();
+    let (samples, kinds) = sampler.await.unwrap_or_default();
     let warm: Vec<(f64, f64)> = samples.iter().copied().filter(|(t, _)| *t >= 1.0).collect();
     let n = warm.len() as f64;
     let (mt, mr) = (
@@ -597,6 +606,10 @@ async fn memory_phase(env: &Env, rate: u64, minutes: u64, pid: u32) {
         samples.last().map_or(f64::NAN, |s| s.1),
     );
     println!(
+        "by kind, once a minute (RSS anon/file/shmem MiB; database/WAL/WAL-index file MiB): {}",
+        kinds.join(" | ")
+    );
+    println!(
         "samples (min, MiB): {}",
         samples
             .iter()
@@ -604,6 +617,22 @@ async fn memory_phase(env: &Env, rate: u64, minutes: u64, pid: u32) {
             .collect::<Vec<_>>()
             .join(" ")
     );
+}
+
+/// The gateway's resident memory by kind and its database files' sizes, as one line.
+fn breakdown(pid: u32, db: &std::path::Path) -> String {
+    let (anon, file, shmem) = rss_kinds_mib(pid);
+    let size = |suffix: &str| {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / (1024.0 * 1024.0))
+    };
+    format!(
+        "{anon:.1}/{file:.1}/{shmem:.1}; {:.0}/{:.1}/{:.2}",
+        size(""),
+        size("-wal"),
+        size("-shm")
+    )
 }
 
 /// The gateway's overhead histogram (time in the handler minus time waiting on the
