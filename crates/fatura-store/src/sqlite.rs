@@ -28,10 +28,10 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use crate::{
     AlertRecord, ApiKeyRecord, BillingSettings, Customer, EventPricing, ExportRow, FxRate,
-    INSERT_CHUNK, InsertOutcome, InvoiceRecord, OutcomeRecord, PaymentRecord, PlanAssignment,
-    PlanVersionRecord, PreparedEvent, PriceImport, PricingChange, PricingData, Store, StoreError,
-    StoreResult, StoredEvent, UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count,
-    from_micros, micros, parse_terms, terms_json,
+    InsertOutcome, InvoiceRecord, OutcomeRecord, PaymentRecord, PlanAssignment, PlanVersionRecord,
+    PreparedEvent, PriceImport, PricingChange, PricingData, Store, StoreError, StoreResult,
+    StoredEvent, UnpricedEvent, UnpricedModel, UsageFilter, WalletTransaction, count, from_micros,
+    micros, parse_terms, terms_json,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -258,7 +258,7 @@ impl Store for SqliteStore {
 
     async fn existing_customer_ids(&self, ids: &[String]) -> StoreResult<HashSet<String>> {
         let mut found = HashSet::new();
-        for chunk in ids.chunks(INSERT_CHUNK) {
+        for chunk in crate::ladder_chunks(ids) {
             let mut qb = QueryBuilder::<Sqlite>::new("SELECT id FROM customers WHERE id IN (");
             let mut sep = qb.separated(", ");
             for id in chunk {
@@ -413,7 +413,7 @@ impl Store for SqliteStore {
                 )));
             }
         }
-        for chunk in import.create.chunks(INSERT_CHUNK) {
+        for chunk in crate::ladder_chunks(&import.create) {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO price_versions (provider, model, effective_from_us, prompt, completion, cache_read, \
                  cache_write, reasoning, per_request, per_image, web_search, source, imported_at_us) ",
@@ -455,7 +455,7 @@ impl Store for SqliteStore {
             return Err(StoreError::CatalogChanged);
         }
         let mut inserted: HashSet<String> = HashSet::with_capacity(events.len());
-        for chunk in events.chunks(INSERT_CHUNK) {
+        for chunk in crate::ladder_chunks(events) {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO usage_events (id, content_hash, customer_id, ts_us, provider, model, input_tokens, \
                  output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, requests, tags, \
@@ -493,7 +493,7 @@ impl Store for SqliteStore {
             .iter()
             .filter(|p| !inserted.contains(p.event.id.as_str()))
             .collect();
-        for chunk in leftovers.chunks(INSERT_CHUNK) {
+        for chunk in crate::ladder_chunks(&leftovers) {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "SELECT id, content_hash FROM usage_events WHERE id IN (",
             );
@@ -521,7 +521,7 @@ impl Store for SqliteStore {
             .iter()
             .filter(|p| p.event.prepaid_charge.is_some() && inserted.contains(p.event.id.as_str()))
             .collect();
-        for chunk in charged.chunks(INSERT_CHUNK) {
+        for chunk in crate::ladder_chunks(&charged) {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO wallet_transactions (id, customer_id, kind, amount, currency, event_id, expires_at_us, created_at_us) \
                  SELECT column1, column2, 'charge', column3, (SELECT currency FROM customers WHERE id = column2), \
@@ -1810,7 +1810,7 @@ async fn apply_rollups(tx: &mut sqlx::SqliteConnection, delta: &RollupDelta) -> 
     for (k, t) in delta {
         rows.push((k, t, split_atto(t.cost)?, split_atto(t.revenue)?));
     }
-    for chunk in rows.chunks(INSERT_CHUNK) {
+    for chunk in crate::ladder_chunks(&rows) {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO rollups (grain, bucket_us, customer_id, provider, model, agent, events, requests, \
              input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, unpriced_events, \

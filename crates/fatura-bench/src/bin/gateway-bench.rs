@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use fatura_bench::{
-    ADMIN, Proc, bench_customer, fatura_bin, free_port, group_pids, quantile, rss_kinds_mib, rss_mib,
-    wait_ready,
+    ADMIN, Proc, bench_customer, fatura_bin, free_port, group_pids, quantile, rss_kinds_mib,
+    rss_mib, wait_ready,
 };
 use serde_json::{Value, json};
 
