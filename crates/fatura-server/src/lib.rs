@@ -339,7 +339,14 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             track_requests,
         ))
-        .layer(TraceLayer::new_for_http())
+        // A 5xx is logged where it is made (an unexpected error with its cause); the trace
+        // layer's own line per failed response is debug only, so that shedding load (503
+        // by the thousand) does not also flood the log.
+        .layer(
+            TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(state)
 }
 

@@ -693,6 +693,9 @@ async fn usage_exports_stream_every_matching_event_once(backend: Backend) {
     .await;
     app.customer("c1").await;
     app.customer("c2").await;
+    // Billed from their creation: created at the start of the month this test bills.
+    app.backdate_customer("c1", "2026-11-01T00:00:00Z").await;
+    app.backdate_customer("c2", "2026-11-01T00:00:00Z").await;
     // 4,500 events for c1 (more than two pages of 2,000), some tagged; 10 for c2.
     for batch in 0..3 {
         let events: Vec<Value> = (0..1500)

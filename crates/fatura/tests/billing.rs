@@ -36,6 +36,9 @@ async fn setup(backend: Backend) -> TestApp {
     assert_eq!(s, StatusCode::CREATED, "{c}");
     assert_eq!(c["tax_rate"], "0.10");
     assert_eq!(c["timezone"], "UTC");
+    // Billed from its creation: created at the start of the fixed month these tests bill
+    // (November 2026), whatever the wall clock says.
+    app.backdate_customer("c1", "2026-11-01T00:00:00Z").await;
     app
 }
 
@@ -179,6 +182,9 @@ async fn cycles_close_once_into_numbered_invoices_and_late_events_are_never_lost
     assert!(csv.lines().nth(1).unwrap().ends_with(",26.92"), "{csv}");
     app.post("/v1/customers", &json!({"id": "c2", "name": "Other"}))
         .await;
+    // Created in November too, whatever the wall clock says: its cycles below are
+    // November's and December's.
+    app.backdate_customer("c2", "2026-11-01T00:00:00Z").await;
     let other = app.key_for("c2").await;
     let (s, _) = app
         .get_as(Some(&other), &format!("/v1/invoices/{nov_id}.html"))

@@ -100,9 +100,7 @@ impl TestApp {
             Backend::Postgres => {
                 let admin = postgres_admin_url();
                 let name = format!("fatura_t_{}", hex_id());
-                let mut conn = sqlx::PgConnection::connect(&admin)
-                    .await
-                    .expect("PostgreSQL must run on 127.0.0.1:5432 (the test command starts it)");
+                let mut conn = pg_admin_connection(&admin).await;
                 sqlx::query(&format!("CREATE DATABASE {name}"))
                     .execute(&mut conn)
                     .await
@@ -239,6 +237,41 @@ impl TestApp {
         assert_eq!(s, StatusCode::CREATED, "{body}");
     }
 
+    /// Moves a customer's creation back to `at` (RFC 3339), straight in the database: a
+    /// customer is billed from its creation, so tests that bill fixed past months create
+    /// their customers "before" them whatever the wall clock says.
+    pub async fn backdate_customer(&self, customer: &str, at: &str) {
+        let us = at
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+            .timestamp_micros();
+        let sql = "UPDATE customers SET created_at_us = $1 WHERE id = $2";
+        let updated = if self.database_url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(&self.database_url)
+                .await
+                .unwrap();
+            sqlx::query(sql)
+                .bind(us)
+                .bind(customer)
+                .execute(&mut conn)
+                .await
+                .unwrap()
+                .rows_affected()
+        } else {
+            let mut conn = sqlx::PgConnection::connect(&self.database_url)
+                .await
+                .unwrap();
+            sqlx::query(sql)
+                .bind(us)
+                .bind(customer)
+                .execute(&mut conn)
+                .await
+                .unwrap()
+                .rows_affected()
+        };
+        assert_eq!(updated, 1, "no customer {customer}");
+    }
+
     pub async fn key_for(&self, customer: &str) -> String {
         let (s, body) = self
             .post(&format!("/v1/customers/{customer}/keys"), &json!({}))
@@ -367,4 +400,22 @@ pub async fn catalog(app: &TestApp, from: &str, models: &[(&str, &str, &str)]) {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
+}
+
+/// A connection to the PostgreSQL the tests share, waiting up to 30 s for it: a test that
+/// stops and starts the cluster (crash.rs) may leave it still recovering when the next test
+/// binary starts.
+async fn pg_admin_connection(admin: &str) -> sqlx::PgConnection {
+    let started = std::time::Instant::now();
+    loop {
+        match sqlx::PgConnection::connect(admin).await {
+            Ok(conn) => return conn,
+            Err(_) if started.elapsed() < std::time::Duration::from_secs(30) => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                panic!("PostgreSQL must run on 127.0.0.1:5432 (the test command starts it): {e}")
+            }
+        }
+    }
 }
