@@ -674,6 +674,15 @@ pub trait Store: Send + Sync + 'static {
     async fn add_wallet_credit(&self, credit: &WalletTransaction) -> StoreResult<()>;
     /// Every movement of a customer's wallet, oldest first.
     async fn wallet_transactions(&self, customer_id: &str) -> StoreResult<Vec<WalletTransaction>>;
+    /// Up to `limit` movements of a customer's wallet, oldest first, starting after the
+    /// movement `after` (from the first without it); `None` when `after` is not a movement of
+    /// this customer's wallet.
+    async fn wallet_transactions_page(
+        &self,
+        customer_id: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Option<Vec<WalletTransaction>>>;
 
     /// Stores a new API key.
     async fn create_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()>;

@@ -296,25 +296,45 @@ impl Store for SqliteStore {
         .bind(customer_id)
         .fetch_all(&self.read)
         .await?;
+        rows.iter().map(wallet_tx_from_row).collect()
+    }
+
+    async fn wallet_transactions_page(
+        &self,
+        customer_id: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Option<Vec<WalletTransaction>>> {
+        let rows = match after {
+            None => {
+                sqlx::query("SELECT * FROM wallet_transactions WHERE customer_id = ? ORDER BY created_at_us, id LIMIT ?")
+                    .bind(customer_id)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.read)
+                    .await?
+            }
+            Some(after) => {
+                let Some(at): Option<i64> = sqlx::query_scalar("SELECT created_at_us FROM wallet_transactions WHERE id = ? AND customer_id = ?")
+                    .bind(after)
+                    .bind(customer_id)
+                    .fetch_optional(&self.read)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                sqlx::query("SELECT * FROM wallet_transactions WHERE customer_id = ? AND (created_at_us, id) > (?, ?) ORDER BY created_at_us, id LIMIT ?")
+                    .bind(customer_id)
+                    .bind(at)
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.read)
+                    .await?
+            }
+        };
         rows.iter()
-            .map(|r| {
-                let currency: String = r.try_get("currency")?;
-                Ok(WalletTransaction {
-                    id: r.try_get("id")?,
-                    customer_id: r.try_get("customer_id")?,
-                    kind: r.try_get("kind")?,
-                    amount: dec(&r.try_get::<String, _>("amount")?)?,
-                    currency: Currency::from_str(&currency)
-                        .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
-                    event_id: r.try_get("event_id")?,
-                    expires_at: r
-                        .try_get::<Option<i64>, _>("expires_at_us")?
-                        .map(from_micros)
-                        .transpose()?,
-                    created_at: from_micros(r.try_get("created_at_us")?)?,
-                })
-            })
-            .collect()
+            .map(wallet_tx_from_row)
+            .collect::<StoreResult<Vec<_>>>()
+            .map(Some)
     }
 
     async fn create_api_key(&self, k: &ApiKeyRecord) -> StoreResult<()> {
@@ -1880,4 +1900,22 @@ fn push_usage_filter<'a>(qb: &mut QueryBuilder<'a, Sqlite>, filter: &'a UsageFil
             .push(") = ")
             .push_bind(v);
     }
+}
+
+fn wallet_tx_from_row(r: &SqliteRow) -> StoreResult<WalletTransaction> {
+    let currency: String = r.try_get("currency")?;
+    Ok(WalletTransaction {
+        id: r.try_get("id")?,
+        customer_id: r.try_get("customer_id")?,
+        kind: r.try_get("kind")?,
+        amount: dec(&r.try_get::<String, _>("amount")?)?,
+        currency: Currency::from_str(&currency)
+            .map_err(|e| StoreError::Internal(anyhow::anyhow!(e)))?,
+        event_id: r.try_get("event_id")?,
+        expires_at: r
+            .try_get::<Option<i64>, _>("expires_at_us")?
+            .map(from_micros)
+            .transpose()?,
+        created_at: from_micros(r.try_get("created_at_us")?)?,
+    })
 }

@@ -1144,6 +1144,58 @@ async fn wallet_credits_are_validated_and_wallets_isolated(backend: Backend) {
     assert_eq!((st, own["available"].clone()), (StatusCode::OK, json!("5")));
     let (st, _) = s.app.get_as(Some(&key), "/v1/customers/acme/wallet").await;
     assert_eq!(st, StatusCode::FORBIDDEN);
+
+    // Movements come in pages, oldest first: five credits in pages of two.
+    for n in 1..=4 {
+        let (st, body) = s
+            .app
+            .post(
+                "/v1/customers/pre/wallet/credits",
+                &json!({"amount": format!("{n}"), "currency": "USD", "kind": "granted"}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+    }
+    let all = wallet(&s.app, "pre").await;
+    assert_eq!(all["next_after"], Value::Null, "{all}");
+    let all: Vec<Value> = all["transactions"].as_array().unwrap().clone();
+    assert_eq!(all.len(), 5);
+    let mut paged = Vec::new();
+    let mut pages = 0;
+    let mut path = "/v1/customers/pre/wallet?limit=2".to_string();
+    loop {
+        let (st, page) = s.app.get_as(Some(&key), &path).await;
+        assert_eq!(st, StatusCode::OK, "{page}");
+        pages += 1;
+        let txs = page["transactions"].as_array().unwrap();
+        assert!(txs.len() <= 2, "{page}");
+        paged.extend(txs.iter().cloned());
+        match page["next_after"].as_str() {
+            Some(after) => {
+                assert_eq!(txs.last().unwrap()["id"], after);
+                path = format!("/v1/customers/pre/wallet?limit=2&after={after}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!((pages, paged), (3, all.clone()));
+    let first = all[0]["id"].as_str().unwrap();
+    for bad in [
+        "limit=0".to_string(),
+        "limit=10001".into(),
+        "limit=two".into(),
+        "after=wtx_nope".into(),
+        "cursor=1".into(),
+    ] {
+        let (st, body) = s.app.get(&format!("/v1/customers/pre/wallet?{bad}")).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    // Another wallet's movement is no cursor here.
+    let (st, body) = s
+        .app
+        .get(&format!("/v1/customers/acme/wallet?after={first}"))
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
     // Prepaid wallets are USD until exchange rates exist.
     let (st, body) = s
         .app

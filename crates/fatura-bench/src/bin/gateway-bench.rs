@@ -702,17 +702,32 @@ async fn drained(admin_base: &str) -> anyhow::Result<()> {
 
 /// The prepaid wallet has exactly one charge per metered event.
 async fn check_wallet(admin_base: &str, events: u64) -> anyhow::Result<()> {
-    let v: Value = reqwest::Client::new()
-        .get(format!("{admin_base}/v1/customers/bench/wallet"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let charges = v["transactions"]
-        .as_array()
-        .map_or(0, |t| t.iter().filter(|t| t["kind"] == "charge").count()) as u64;
-    println!("wallet charges: {charges}, reserved now: {}", v["reserved"]);
+    let client = reqwest::Client::new();
+    let mut charges = 0u64;
+    let mut after: Option<String> = None;
+    let reserved = loop {
+        let mut url = format!("{admin_base}/v1/customers/bench/wallet?limit=10000");
+        if let Some(a) = &after {
+            url.push_str(&format!("&after={a}"));
+        }
+        let v: Value = client
+            .get(url)
+            .bearer_auth(ADMIN)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        charges += v["transactions"]
+            .as_array()
+            .map_or(0, |t| t.iter().filter(|t| t["kind"] == "charge").count())
+            as u64;
+        match v["next_after"].as_str() {
+            Some(a) => after = Some(a.to_string()),
+            None => break v["reserved"].clone(),
+        }
+    };
+    println!("wallet charges: {charges}, reserved now: {reserved}");
     if charges != events {
         bail!("{charges} wallet charges for {events} metered calls");
     }

@@ -2,7 +2,8 @@
 
 use std::str::FromStr;
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use fatura_core::{Currency, Money};
@@ -10,12 +11,17 @@ use fatura_store::WalletTransaction;
 use rand::RngCore;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::events::service_error;
 use crate::AppState;
 use crate::auth::{Admin, Caller};
 use crate::error::{ApiError, ApiJson, ErrorBody};
+
+/// Movements per page of `GET /v1/customers/{id}/wallet` unless `limit` says otherwise.
+pub const DEFAULT_PAGE: u32 = 1_000;
+/// Largest `limit`.
+pub const MAX_PAGE: u32 = 10_000;
 
 /// Largest single credit.
 const MAX_CREDIT: i64 = 1_000_000_000;
@@ -82,8 +88,23 @@ pub struct WalletOut {
     pub reserved: String,
     /// Balance minus reservations.
     pub available: String,
-    /// Every committed movement, oldest first.
+    /// Committed movements, oldest first: at most `limit`, starting after `after`.
     pub transactions: Vec<WalletTransactionOut>,
+    /// When more movements follow: pass it as `after` for the next page (the id of the last
+    /// movement above); `null` on the last page.
+    pub next_after: Option<String>,
+}
+
+/// Paging of `GET /v1/customers/{id}/wallet`'s movements.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct WalletQuery {
+    /// Movements per page, 1 to 10,000 (default 1,000).
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<u32>,
+    /// Start after this movement (a transaction id, the previous page's `next_after`).
+    pub after: Option<String>,
 }
 
 fn random_hex(n: usize) -> String {
@@ -178,28 +199,50 @@ pub async fn add_credit(
 /// A customer's wallet: balance, reservations, available, movements. Admin, or the
 /// customer's own key.
 #[utoipa::path(get, path = "/v1/customers/{id}/wallet", tag = "wallets",
-    params(("id" = String, Path, description = "Customer id")),
-    responses((status = 200, body = WalletOut), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-              (status = 404, body = ErrorBody)),
+    params(("id" = String, Path, description = "Customer id"), WalletQuery),
+    responses((status = 200, body = WalletOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_wallet(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    query: Result<Query<WalletQuery>, QueryRejection>,
 ) -> Result<ApiJson<WalletOut>, ApiError> {
     caller.scope_customer(Some(id.clone()))?;
+    let Query(q) = query?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit: from 1 to {MAX_PAGE}"),
+        ));
+    }
     let customer = state.fatura.customer(&id).await.map_err(service_error)?;
     let view = state
         .wallets
         .view(&id)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let txs = state
+    // One more than asked for tells whether another page follows.
+    let mut txs = state
         .fatura
         .store()
-        .wallet_transactions(&id)
+        .wallet_transactions_page(&id, q.after.as_deref(), limit + 1)
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("after: {id:?}'s wallet has no movement with this id"),
+            )
+        })?;
+    let next_after = if txs.len() > limit as usize {
+        txs.truncate(limit as usize);
+        txs.last().map(|t| t.id.clone())
+    } else {
+        None
+    };
     Ok(ApiJson(WalletOut {
         customer_id: id,
         billing_mode: if customer.prepaid {
@@ -213,5 +256,6 @@ pub async fn get_wallet(
         reserved: view.reserved.to_string(),
         available: view.available().normalize().to_string(),
         transactions: txs.into_iter().map(Into::into).collect(),
+        next_after,
     }))
 }
