@@ -1,5 +1,6 @@
 //! The gateway's SSE reading: any bytes, fed in arbitrary chunks, split into events,
-//! classified, and their usage extracted. Never panics.
+//! classified, and their usage extracted. Never panics; the events' bytes are the input,
+//! byte for byte, and how the input was cut does not change the events.
 #![no_main]
 
 use fatura_server::gateway::wire::{SseSplitter, classify, parse_usage};
@@ -18,6 +19,12 @@ fuzz_target!(|data: &[u8]| {
     }
     events.extend(splitter.feed(rest));
     events.extend(splitter.finish());
+    let passed: Vec<u8> = events.iter().flat_map(|e| e.raw.iter().copied()).collect();
+    assert_eq!(passed, body, "the events' bytes are not the input");
+    let mut whole = SseSplitter::default();
+    let mut at_once = whole.feed(body);
+    at_once.extend(whole.finish());
+    assert_eq!(events, at_once, "the events depend on how the input was cut");
     for e in &events {
         let _ = classify(e.data.as_deref());
     }

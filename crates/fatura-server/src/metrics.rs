@@ -57,6 +57,8 @@ pub struct Metrics {
     pub gateway_overhead: Histogram,
     /// Events queued for the metering writer.
     pub meter_queue_depth: Gauge,
+    /// Transactions the metering writer committed (events accepted / this = batch size).
+    pub meter_commits: Counter<u64, AtomicU64>,
 }
 
 /// Labels of gateway call counts.
@@ -93,6 +95,7 @@ impl Default for Metrics {
         let upstream_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 18));
         let gateway_overhead = Histogram::new(exponential_buckets(0.000_01, 2.0, 18));
         let meter_queue_depth = Gauge::default();
+        let meter_commits = Counter::<u64, AtomicU64>::default();
         registry.register(
             "http_requests",
             "HTTP requests served",
@@ -158,6 +161,11 @@ impl Default for Metrics {
             "Events waiting for the metering writer",
             meter_queue_depth.clone(),
         );
+        registry.register(
+            "meter_commits",
+            "Group commits of the metering writer",
+            meter_commits.clone(),
+        );
         Metrics {
             registry,
             http_requests,
@@ -173,6 +181,7 @@ impl Default for Metrics {
             upstream_latency,
             gateway_overhead,
             meter_queue_depth,
+            meter_commits,
         }
     }
 }

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use fatura_bench::{
-    ADMIN, Proc, bench_customer, fatura_bin, free_port, group_pids, quantile, rss_kinds_mib,
-    rss_mib, wait_ready,
+    ADMIN, Proc, bench_customer, cpu_seconds, fatura_bin, free_port, group_pids, quantile,
+    rss_kinds_mib, rss_mib, wait_ready,
 };
 use serde_json::{Value, json};
 
@@ -38,6 +38,9 @@ struct Args {
     /// Offered rates (requests/s), comma separated.
     #[arg(long, default_value = "500,2000,5000")]
     rates: String,
+    /// Modes measured, comma separated: `json`, `stream`.
+    #[arg(long, default_value = "json,stream")]
+    modes: String,
     /// Seconds per fixed-rate phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -57,6 +60,9 @@ struct Args {
     /// LiteLLM proxy worker processes (`--num_workers`; fatura runs on 2 threads).
     #[arg(long, default_value_t = 2)]
     litellm_workers: u32,
+    /// The gateway's `commit_delay_ms` (default: the server's default).
+    #[arg(long)]
+    commit_delay_ms: Option<u64>,
     /// Minutes of the memory phase (0: skipped).
     #[arg(long, default_value_t = 0)]
     memory_minutes: u64,
@@ -169,6 +175,7 @@ async fn start(args: &Args) -> anyhow::Result<Env> {
         database_url = "sqlite://{db}"
         [gateway]
         spill_path = "{spill}"
+        {commit_delay}
         [[gateway.upstreams]]
         name = "mock"
         kind = "openai"
@@ -180,6 +187,10 @@ async fn start(args: &Args) -> anyhow::Result<Env> {
         "#,
         db = dir.path().join("gw.db").display(),
         spill = dir.path().join("spill.jsonl").display(),
+        commit_delay = args
+            .commit_delay_ms
+            .map(|ms| format!("commit_delay_ms = {ms}"))
+            .unwrap_or_default(),
     );
     let config_path = dir.path().join("fatura.toml");
     std::fs::write(&config_path, config)?;
@@ -216,16 +227,24 @@ fn body(stream: bool, n: u64) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// One call; returns its latency to the last byte, or None on failure.
+/// A successful call's latencies: to the first byte of the body (for a stream, its first
+/// chunk) and to the last.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    first: Duration,
+    last: Duration,
+}
+
+/// One call; returns its latencies, or None on failure.
 async fn one(
     client: &reqwest::Client,
     url: &str,
     key: &str,
     stream: bool,
     n: u64,
-) -> Option<Duration> {
+) -> Option<Timing> {
     let t = Instant::now();
-    let res = client
+    let mut res = client
         .post(url)
         .bearer_auth(key)
         .header("content-type", "application/json")
@@ -236,13 +255,23 @@ async fn one(
     if !res.status().is_success() {
         return None;
     }
-    res.bytes().await.ok()?;
-    Some(t.elapsed())
+    let mut first = None;
+    while res.chunk().await.ok()?.is_some() {
+        first.get_or_insert_with(|| t.elapsed());
+    }
+    let last = t.elapsed();
+    Some(Timing {
+        first: first.unwrap_or(last),
+        last,
+    })
 }
 
 struct Phase {
     p50_ms: f64,
     p99_ms: f64,
+    /// To the first byte of the body.
+    first_p50_ms: f64,
+    first_p99_ms: f64,
     failed: u64,
     achieved: f64,
 }
@@ -277,23 +306,53 @@ async fn fixed_rate(base: &str, key: &str, stream: bool, rate: u64, seconds: u64
         );
         tokio::spawn(async move {
             let n = counter.fetch_add(1, Ordering::Relaxed);
-            let _ = tx.send(one(&client, &url, &key, stream, n).await);
+            let sent = started.elapsed();
+            let _ = tx.send((sent, one(&client, &url, &key, stream, n).await));
         });
     }
     drop(tx);
     let mut lat = Vec::new();
+    let mut first = Vec::new();
     let mut failed = 0;
-    while let Some(r) = rx.recv().await {
+    // GATEWAY_BENCH_DUMP=FILE: every call's send offset and latency (ms), appended, for
+    // studying when slow calls happen.
+    let mut dump = std::env::var_os("GATEWAY_BENCH_DUMP").map(|_| String::new());
+    while let Some((sent, r)) = rx.recv().await {
         match r {
-            Some(d) => lat.push(d.as_secs_f64() * 1000.0),
+            Some(Timing { first: f, last: d }) => {
+                lat.push(d.as_secs_f64() * 1000.0);
+                first.push(f.as_secs_f64() * 1000.0);
+                if let Some(out) = dump.as_mut() {
+                    use std::fmt::Write as _;
+                    let _ = writeln!(
+                        out,
+                        "{base} {stream} {rate} {:.3} {:.3}",
+                        sent.as_secs_f64() * 1000.0,
+                        d.as_secs_f64() * 1000.0
+                    );
+                }
+            }
             None => failed += 1,
+        }
+    }
+    if let (Some(out), Some(path)) = (dump, std::env::var_os("GATEWAY_BENCH_DUMP")) {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = f.write_all(out.as_bytes());
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
+    first.sort_by(f64::total_cmp);
     Phase {
         p50_ms: quantile(&lat, 0.5),
         p99_ms: quantile(&lat, 0.99),
+        first_p50_ms: quantile(&first, 0.5),
+        first_p99_ms: quantile(&first, 0.99),
         failed,
         achieved: lat.len() as f64 / elapsed,
     }
@@ -364,6 +423,14 @@ async fn main() -> anyhow::Result<()> {
         .split(',')
         .map(|r| r.trim().parse())
         .collect::<Result<_, _>>()?;
+    let mut modes = Vec::new();
+    for m in args.modes.split(',').map(str::trim) {
+        match m {
+            "json" => modes.push(false),
+            "stream" => modes.push(true),
+            other => bail!("unknown mode {other:?}: json or stream"),
+        }
+    }
     let litellm = match &args.litellm {
         Some(bin) => {
             Some(start_litellm(bin, args.litellm_workers, &env.direct, env.dir.path()).await?)
@@ -379,15 +446,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let mut fatura_rows = Vec::new();
+    let mut first_chunk_rows = Vec::new();
     println!(
-        "| mode | offered req/s | direct p50 ms | direct p99 ms | gateway p50 ms | gateway p99 ms | added p50 ms | added p99 ms | fatura's own p50 ≤ ms | fatura's own p99 ≤ ms | gateway achieved req/s | failed (direct/gateway) | gateway RSS MiB |"
+        "| mode | offered req/s | direct p50 ms | direct p99 ms | gateway p50 ms | gateway p99 ms | added p50 ms | added p99 ms | fatura's own p50 ≤ ms | fatura's own p99 ≤ ms | gateway achieved req/s | failed (direct/gateway) | gateway CPU µs per call | gateway RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for stream in [false, true] {
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for &stream in &modes {
         for &rate in &rates {
             let d = fixed_rate(&env.direct, "sk-bench-upstream", stream, rate, args.seconds).await;
             let before = overhead_histogram(&env.admin_base).await?;
+            let cpu_before = cpu_seconds(pid);
             let g = fixed_rate(&env.through, &env.key, stream, rate, args.seconds).await;
+            // Includes the metering writer's commits of the phase (most of them: the
+            // last batch commits within `commit_delay_ms` of the last call).
+            let cpu_per_call = (cpu_seconds(pid) - cpu_before) * 1e6 / (rate * args.seconds) as f64;
             let (own50, own99) =
                 overhead_between(&before, &overhead_histogram(&env.admin_base).await?);
             fatura_rows.push((
@@ -398,7 +470,7 @@ async fn main() -> anyhow::Result<()> {
                 g.achieved,
             ));
             println!(
-                "| {} | {rate} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {own50:.3} | {own99:.3} | {:.0} | {}/{} | {:.1} |",
+                "| {} | {rate} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {own50:.3} | {own99:.3} | {:.0} | {}/{} | {cpu_per_call:.0} | {:.1} |",
                 if stream { "stream" } else { "json" },
                 d.p50_ms,
                 d.p99_ms,
@@ -411,6 +483,28 @@ async fn main() -> anyhow::Result<()> {
                 g.failed,
                 rss_mib(pid),
             );
+            if stream {
+                first_chunk_rows.push((rate, d, g));
+            }
+        }
+    }
+    if !first_chunk_rows.is_empty() {
+        // What a streaming client waits for before the answer starts to appear.
+        println!();
+        println!(
+            "| streams: time to the first chunk | offered req/s | direct p50 ms | direct p99 ms | gateway p50 ms | gateway p99 ms | added p50 ms | added p99 ms |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for (rate, d, g) in &first_chunk_rows {
+            println!(
+                "| stream | {rate} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                d.first_p50_ms,
+                d.first_p99_ms,
+                g.first_p50_ms,
+                g.first_p99_ms,
+                g.first_p50_ms - d.first_p50_ms,
+                g.first_p99_ms - d.first_p99_ms,
+            );
         }
     }
     println!();
@@ -418,7 +512,7 @@ async fn main() -> anyhow::Result<()> {
         "| mode | connections | direct max req/s | gateway max req/s | gateway / direct | gateway RSS MiB |"
     );
     println!("|---|---|---|---|---|---|");
-    for stream in [false, true] {
+    for &stream in &modes {
         let d = max_throughput(
             &env.direct,
             "sk-bench-upstream",
@@ -483,7 +577,7 @@ async fn main() -> anyhow::Result<()> {
             "| mode | connections | direct max req/s | LiteLLM max req/s | LiteLLM / direct |"
         );
         println!("|---|---|---|---|---|");
-        for stream in [false, true] {
+        for &stream in &modes {
             let d = max_throughput(
                 &env.direct,
                 "sk-bench-upstream",

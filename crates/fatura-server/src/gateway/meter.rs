@@ -1,8 +1,8 @@
 //! Metering off the request path: a bounded queue feeding a batching writer.
 //!
 //! Handlers hand finished usage events to [`Meter::record`]. A single writer task takes
-//! whatever is queued (up to `max_batch`) and commits it in one transaction (group
-//! commit) through `Fatura::record_events`, which is idempotent by event id. When the
+//! whatever is queued, waits up to `commit_delay_ms` after a batch's first event for more
+//! (up to `max_batch`), and commits it in one transaction (group commit) through `Fatura::record_events`, which is idempotent by event id. When the
 //! database fails, the batch is appended to a local spill file (JSON lines, fsynced) and
 //! replayed when the database answers again; replays of already-committed events count
 //! as duplicates, so nothing is lost and nothing doubled. On shutdown the writer drains
@@ -10,8 +10,8 @@
 //!
 //! Crash window (documented in ARCHITECTURE.md): with `durability = "async"`, events
 //! still in the in-memory queue when the process is killed (SIGKILL, power loss) are lost;
-//! the queue holds at most the calls answered in the last moments (one batch commit,
-//! typically milliseconds). With `durability = "sync"`, the response waits for the commit.
+//! the queue holds at most the calls answered in the last moments (`commit_delay_ms` plus
+//! one batch commit, typically milliseconds). With `durability = "sync"`, the response waits for the commit.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -175,6 +175,7 @@ impl Meter {
             fatura,
             rx,
             max_batch: config.max_batch,
+            commit_delay: Duration::from_millis(config.commit_delay_ms),
             spill_path,
             spill,
             depth: depth.clone(),
@@ -242,6 +243,7 @@ struct Writer {
     fatura: Arc<Fatura>,
     rx: mpsc::Receiver<Msg>,
     max_batch: usize,
+    commit_delay: Duration,
     spill_path: PathBuf,
     spill: Option<std::fs::File>,
     depth: Arc<AtomicI64>,
@@ -272,12 +274,7 @@ impl Writer {
             };
             let Some(first) = first else { break };
             let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match self.rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
+            self.gather(&mut batch).await;
             if !self.write(batch).await {
                 spill_pending = true;
             } else if spill_pending && last_replay.elapsed() >= Duration::from_secs(1) {
@@ -292,6 +289,28 @@ impl Writer {
         // Every call's price has left its share or is in the spill file: the shares go back.
         self.wallets.release_all().await;
         tracing::info!("metering queue drained");
+    }
+
+    /// Adds to `batch` what arrives within `commit_delay` of its first event, up to
+    /// `max_batch` (at once whatever is already queued; nothing more once the queue is
+    /// closed, so that shutdown drains without waiting).
+    async fn gather(&mut self, batch: &mut Vec<Msg>) {
+        let deadline = tokio::time::Instant::now() + self.commit_delay;
+        while batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if self.commit_delay.is_zero() {
+                        return;
+                    }
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(m)) => batch.push(m),
+                        Ok(None) | Err(_) => return,
+                    }
+                }
+            }
+        }
     }
 
     /// Commits a batch; on failure spills it. Returns whether it was committed.
@@ -310,6 +329,7 @@ impl Writer {
         let committed = result.is_ok();
         let durable = match result {
             Ok(out) => {
+                self.metrics.meter_commits.inc();
                 self.metrics.events_accepted.inc_by(out.accepted);
                 self.metrics.events_unpriced.inc_by(out.unpriced);
                 self.wallets.written(&events, &out.inserted).await;

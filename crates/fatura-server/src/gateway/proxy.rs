@@ -107,7 +107,9 @@ struct CallContext {
     provider: String,
     requested_model: String,
     tags: BTreeMap<String, String>,
-    request: Value,
+    /// The client's request (shared, never copied): prompt tokens are counted from it when
+    /// the upstream reports no usage.
+    request: Arc<Map<String, Value>>,
     endpoint: Endpoint,
     fatura: Arc<Fatura>,
     reservation: Option<ReservationGuard>,
@@ -122,7 +124,29 @@ impl CallContext {
         model: Option<String>,
         completion_text: String,
     ) {
-        let Some(mut event) = self.event(usage, model, &completion_text) else {
+        let estimated = usage.is_none();
+        let usage = match usage {
+            Some(u) => u,
+            // Tokenizing can take milliseconds (a long prompt, a long stream): off the
+            // async workers.
+            None => {
+                let (request, endpoint) = (self.request.clone(), self.endpoint);
+                tokio::task::spawn_blocking(move || ReportedUsage {
+                    prompt: match endpoint {
+                        Endpoint::Chat => count_chat_prompt(&request),
+                        Endpoint::Embeddings => count_embedding_input(&request),
+                    },
+                    completion: count_text(&completion_text),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(request_id = %self.request_id, error = %e, "token estimation failed");
+                    ReportedUsage::default()
+                })
+            }
+        };
+        let Some(mut event) = self.event(usage, estimated, model) else {
             return;
         };
         if let Some(guard) = self.reservation.take() {
@@ -171,19 +195,10 @@ impl CallContext {
 
     fn event(
         &self,
-        usage: Option<ReportedUsage>,
+        u: ReportedUsage,
+        estimated: bool,
         model: Option<String>,
-        completion_text: &str,
     ) -> Option<UsageEvent> {
-        let estimated = usage.is_none();
-        let u = usage.unwrap_or_else(|| ReportedUsage {
-            prompt: match self.endpoint {
-                Endpoint::Chat => count_chat_prompt(&self.request),
-                Endpoint::Embeddings => count_embedding_input(&self.request),
-            },
-            completion: count_text(completion_text),
-            ..Default::default()
-        });
         // Upstreams are outside input: clamp parts to totals rather than lose the call.
         let cached = u.cached.min(u.prompt);
         let cache_write = u.cache_write.min(u.prompt - cached);
@@ -231,6 +246,14 @@ impl CallContext {
             }
         }
     }
+}
+
+/// A gateway request id (the usage event's id): `gw_`, the time in microseconds (14 hex
+/// digits) and 64 random bits. Ids made later sort later, so the ledger's id indexes grow
+/// at their end — a commit dirties a few pages, not one per event as random ids would.
+fn request_id_at(at: DateTime<Utc>) -> String {
+    let micros = u64::try_from(at.timestamp_micros()).unwrap_or(0);
+    format!("gw_{micros:014x}{}", random_hex(8))
 }
 
 fn random_hex(n: usize) -> String {
@@ -394,13 +417,14 @@ async fn proxy(
         ));
     };
     let body = body.map_err(|e| ApiError::from(e).into_response())?;
-    let request: Map<String, Value> = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_json",
-            format!("request body must be a JSON object: {e}"),
-        )
-        .into_response()
-    })?;
+    let request: Arc<Map<String, Value>> =
+        serde_json::from_slice(&body).map(Arc::new).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("request body must be a JSON object: {e}"),
+            )
+            .into_response()
+        })?;
     let model = request
         .get("model")
         .and_then(Value::as_str)
@@ -410,13 +434,25 @@ async fn proxy(
         })?
         .to_string();
     let limits = &gateway.config;
+    // Prompt tokens and output cap, counted once if a token limit or a budget needs them.
+    let tokens = if limits.tokens_per_minute > 0 || budget.is_some() {
+        Some(
+            call_tokens(
+                &request,
+                endpoint,
+                limits.default_max_output_tokens,
+                body.len(),
+            )
+            .await
+            .map_err(IntoResponse::into_response)?,
+        )
+    } else {
+        None
+    };
     if limits.requests_per_minute > 0 || limits.tokens_per_minute > 0 {
-        let tokens = if limits.tokens_per_minute > 0 {
-            let (prompt, output) =
-                call_tokens(&request, endpoint, limits.default_max_output_tokens);
-            prompt.saturating_add(output)
-        } else {
-            0
+        let tokens = match tokens {
+            Some((prompt, output)) if limits.tokens_per_minute > 0 => prompt.saturating_add(output),
+            _ => 0,
         };
         if let Err(retry) = gateway
             .admit(
@@ -457,25 +493,23 @@ async fn proxy(
         .into_iter()
         .cloned()
         .collect();
-    let request_id = format!("gw_{}", random_hex(12));
     let timestamp = Utc::now();
+    let request_id = request_id_at(timestamp);
     let metrics = state.metrics.clone();
-    let mut reservation = match budget {
-        Some(budget) => Some(
+    let mut reservation = match (budget, tokens) {
+        (Some(budget), Some(tokens)) => Some(
             reserve(
                 &state,
-                &gateway,
                 &customer_id,
                 budget,
-                &request,
+                tokens,
                 &model,
                 &chain,
-                endpoint,
                 timestamp,
             )
             .await?,
         ),
-        None => None,
+        _ => None,
     };
 
     let mut last_failure: Option<Response> = None;
@@ -553,7 +587,7 @@ async fn proxy(
             provider: upstream.catalog_provider(),
             requested_model: model.clone(),
             tags: tags.clone(),
-            request: Value::Object(request.clone()),
+            request: request.clone(),
             endpoint,
             fatura: state.fatura.clone(),
             reservation: reservation.take(),
@@ -591,20 +625,7 @@ async fn proxy(
             let waited = body_started.elapsed();
             match body {
                 Ok(bytes) => {
-                    let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
-                    let usage = parsed.as_ref().and_then(|v| parse_usage(&v["usage"]));
-                    let reported_model = parsed
-                        .as_ref()
-                        .and_then(|v| v["model"].as_str().map(str::to_string));
-                    let text: String = parsed
-                        .as_ref()
-                        .and_then(|v| v["choices"].as_array())
-                        .map(|cs| {
-                            cs.iter()
-                                .filter_map(|c| c["message"]["content"].as_str())
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let (usage, reported_model, text) = read_reply(&bytes);
                     ctx.meter(usage, reported_model, text).await;
                     Ok((bytes, waited))
                 }
@@ -646,44 +667,93 @@ async fn proxy(
         .unwrap_or_else(|| ApiError::bad_gateway("every upstream failed").into_response()))
 }
 
+/// The parts of a JSON reply metering reads (the rest is skipped, not built).
+#[derive(serde::Deserialize)]
+struct Reply<'a> {
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default, borrow)]
+    choices: Option<&'a serde_json::value::RawValue>,
+}
+
+/// A JSON reply's usage, reported model, and — only when it reports no usage, for the
+/// estimate — its text.
+fn read_reply(bytes: &[u8]) -> (Option<ReportedUsage>, Option<String>, String) {
+    let Ok(reply) = serde_json::from_slice::<Reply<'_>>(bytes) else {
+        return (None, None, String::new());
+    };
+    let usage = reply.usage.as_ref().and_then(parse_usage);
+    let model = reply
+        .model
+        .as_ref()
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let text = match (&usage, reply.choices) {
+        (None, Some(raw)) => serde_json::from_str::<Value>(raw.get())
+            .ok()
+            .as_ref()
+            .and_then(Value::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .filter_map(|c| c["message"]["content"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    (usage, model, text)
+}
+
+/// Requests larger than this (bytes) are tokenized on the blocking pool, so that counting a
+/// long prompt does not hold up the other calls on this worker.
+const TOKENIZE_INLINE_MAX_BYTES: usize = 16 * 1024;
+
 /// A call's prompt tokens (counted from the request) and its output cap (`max_tokens`, or
 /// `default_max_output`).
-fn call_tokens(
-    request: &Map<String, Value>,
+async fn call_tokens(
+    request: &Arc<Map<String, Value>>,
     endpoint: Endpoint,
     default_max_output: u64,
-) -> (u64, u64) {
-    let as_value = Value::Object(request.clone());
-    match endpoint {
-        Endpoint::Chat => (
-            count_chat_prompt(&as_value),
-            request
-                .get("max_completion_tokens")
-                .or_else(|| request.get("max_tokens"))
-                .and_then(Value::as_u64)
-                .unwrap_or(default_max_output),
-        ),
-        Endpoint::Embeddings => (count_embedding_input(&as_value), 0),
-    }
+    body_bytes: usize,
+) -> Result<(u64, u64), ApiError> {
+    let output = match endpoint {
+        Endpoint::Chat => request
+            .get("max_completion_tokens")
+            .or_else(|| request.get("max_tokens"))
+            .and_then(Value::as_u64)
+            .unwrap_or(default_max_output),
+        Endpoint::Embeddings => 0,
+    };
+    let count = move |request: &Map<String, Value>| match endpoint {
+        Endpoint::Chat => count_chat_prompt(request),
+        Endpoint::Embeddings => count_embedding_input(request),
+    };
+    let prompt = if body_bytes <= TOKENIZE_INLINE_MAX_BYTES {
+        count(request)
+    } else {
+        let request = request.clone();
+        tokio::task::spawn_blocking(move || count(&request))
+            .await
+            .map_err(|e| ApiError::internal(&e))?
+    };
+    Ok((prompt, output))
 }
 
 /// Reserves the call's maximum price on the customer's wallet: prompt tokens counted from
 /// the request plus `max_tokens` (or the configured output cap), at the dearest upstream
 /// of the chain. Answers 402 when the available balance is short, 403 when the model has
 /// no price (a prepaid call cannot be charged otherwise).
-#[allow(clippy::too_many_arguments)]
 async fn reserve(
     state: &AppState,
-    gateway: &Gateway,
     customer_id: &str,
     budget: Budget,
-    request: &Map<String, Value>,
+    (prompt, output): (u64, u64),
     model: &str,
     chain: &[UpstreamConfig],
-    endpoint: Endpoint,
     at: DateTime<Utc>,
 ) -> Result<ReservationGuard, Response> {
-    let (prompt, output) = call_tokens(request, endpoint, gateway.config.default_max_output_tokens);
     let usage = TokenUsage::new(prompt, output, 0, 0, 0, 1)
         .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()).into_response())?;
     let mut amount: Option<Decimal> = None;
@@ -775,6 +845,8 @@ struct MeteredStream {
     idle_after: Duration,
     /// The stream has ended (polling again yields nothing).
     done: bool,
+    /// The upstream failed after bytes still to be forwarded: the error comes next.
+    failed: Option<&'static str>,
     inner: ByteStream,
     splitter: SseSplitter,
     ctx: Option<CallContext>,
@@ -800,6 +872,7 @@ impl MeteredStream {
             idle: Box::pin(tokio::time::sleep(idle_after)),
             idle_after,
             done: false,
+            failed: None,
             inner,
             splitter: SseSplitter::default(),
             ctx: Some(ctx),
@@ -815,8 +888,7 @@ impl MeteredStream {
     /// Forwards SSE events, parsing only what metering needs: the first chunk (model),
     /// chunks that mention usage or an error. Other chunks' payloads are kept (bounded)
     /// and parsed only if the stream ends without usage, to estimate its tokens.
-    fn process(&mut self, events: Vec<super::wire::SseEvent>) -> Vec<u8> {
-        let mut out = Vec::new();
+    fn process(&mut self, events: Vec<super::wire::SseEvent>, out: &mut Vec<u8>) {
         for e in events {
             let mut forward = true;
             if let Some(data) = e.data.as_deref() {
@@ -850,7 +922,6 @@ impl MeteredStream {
                 out.extend_from_slice(&e.raw);
             }
         }
-        out
     }
 
     fn keep_text(&mut self, content: String) {
@@ -879,16 +950,29 @@ impl MeteredStream {
     }
 }
 
+/// Most bytes a stream item gathers from upstream chunks that are already available.
+const MAX_STREAM_ITEM: usize = 64 * 1024;
+
 impl Stream for MeteredStream {
     type Item = Result<Bytes, std::io::Error>;
 
+    /// Forwards what the upstream has sent, gathering every chunk already available into
+    /// one item (the client gets the same bytes in fewer writes; nothing waits for more).
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(message) = self.failed.take() {
+            self.done = true;
+            return Poll::Ready(Some(Err(std::io::Error::other(message))));
+        }
         if self.done {
             return Poll::Ready(None);
         }
+        let mut out: Vec<u8> = Vec::new();
         loop {
             match self.inner.as_mut().poll_next(cx) {
                 Poll::Pending => {
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Bytes::from(out))));
+                    }
                     if self.idle.as_mut().poll(cx).is_ready() {
                         tracing::warn!(idle = ?self.idle_after, "upstream stream went silent: ending it");
                         self.done = true;
@@ -903,29 +987,33 @@ impl Stream for MeteredStream {
                     let deadline = tokio::time::Instant::now() + self.idle_after;
                     self.idle.as_mut().reset(deadline);
                     let events = self.splitter.feed(&bytes);
-                    let out = self.process(events);
-                    if !out.is_empty() {
+                    self.process(events, &mut out);
+                    if out.len() >= MAX_STREAM_ITEM {
                         return Poll::Ready(Some(Ok(Bytes::from(out))));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "upstream stream failed");
-                    self.done = true;
                     self.finish();
-                    return Poll::Ready(Some(Err(std::io::Error::other("upstream stream failed"))));
+                    const FAILED: &str = "upstream stream failed";
+                    if out.is_empty() {
+                        self.done = true;
+                        return Poll::Ready(Some(Err(std::io::Error::other(FAILED))));
+                    }
+                    // What arrived before the failure first, then the failure.
+                    self.failed = Some(FAILED);
+                    return Poll::Ready(Some(Ok(Bytes::from(out))));
                 }
                 Poll::Ready(None) => {
                     self.done = true;
-                    let rest = self
-                        .splitter
-                        .finish()
-                        .map(|e| self.process(vec![e]))
-                        .unwrap_or_default();
+                    if let Some(e) = self.splitter.finish() {
+                        self.process(vec![e], &mut out);
+                    }
                     self.finish();
-                    if rest.is_empty() {
+                    if out.is_empty() {
                         return Poll::Ready(None);
                     }
-                    return Poll::Ready(Some(Ok(Bytes::from(rest))));
+                    return Poll::Ready(Some(Ok(Bytes::from(out))));
                 }
             }
         }

@@ -67,6 +67,9 @@ pub struct SseEvent {
 #[derive(Debug, Default)]
 pub struct SseSplitter {
     buf: Vec<u8>,
+    /// Bytes of `buf` already searched for an event's end (so that a large event arriving
+    /// in many pieces is scanned once, not once per piece).
+    scanned: usize,
 }
 
 /// Largest SSE event parsed for usage (bigger ones pass through unparsed).
@@ -77,25 +80,36 @@ impl SseSplitter {
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
+        // Start of the first unconsumed byte; the consumed prefix is removed once, at the end.
+        let mut start = 0;
         loop {
-            let Some(end) = find_event_end(&self.buf) else {
-                if self.buf.len() > MAX_SSE_EVENT {
-                    out.push(SseEvent {
-                        raw: std::mem::take(&mut self.buf),
-                        data: None,
-                    });
-                }
+            let from = self.scanned.max(start);
+            let Some(end) = find_event_end(&self.buf, from) else {
+                // A terminator may straddle this feed and the next: its first bytes (at
+                // most 3) are searched again then.
+                self.scanned = self.buf.len().saturating_sub(3).max(start);
                 break;
             };
-            let raw: Vec<u8> = self.buf.drain(..end).collect();
+            let raw = self.buf[start..end].to_vec();
             let data = data_of(&raw);
             out.push(SseEvent { raw, data });
+            start = end;
+        }
+        self.buf.drain(..start);
+        self.scanned -= start;
+        if self.buf.len() > MAX_SSE_EVENT {
+            self.scanned = 0;
+            out.push(SseEvent {
+                raw: std::mem::take(&mut self.buf),
+                data: None,
+            });
         }
         out
     }
 
     /// Whatever is left at the end of the stream (an unterminated event).
     pub fn finish(&mut self) -> Option<SseEvent> {
+        self.scanned = 0;
         if self.buf.is_empty() {
             return None;
         }
@@ -105,8 +119,10 @@ impl SseSplitter {
     }
 }
 
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
+/// The end (exclusive) of the first event terminator (`\n\n` or `\r\n\r\n`) that
+/// starts at or after `from`.
+fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
     while i + 1 < buf.len() {
         if buf[i] == b'\n' && buf[i + 1] == b'\n' {
             return Some(i + 2);
@@ -227,6 +243,29 @@ mod tests {
             b": OPENROUTER PROCESSING\n\ndata: {\"a\":1}\n\ndata: [DONE]\n\n".to_vec()
         );
         assert_eq!(s.finish(), None);
+    }
+
+    #[test]
+    fn splitting_does_not_depend_on_how_the_bytes_arrive() {
+        let body: &[u8] =
+            b": OPENROUTER PROCESSING\r\n\r\ndata: {\"a\":1}\n\ndata: x\ndata: y\r\n\r\n\
+            data: {\"b\":2}\n\n\ndata: [DONE]\n\ntrailing";
+        let mut whole = SseSplitter::default();
+        let mut at_once = whole.feed(body);
+        at_once.extend(whole.finish());
+        assert_eq!(at_once.len(), 6);
+        assert_eq!(at_once[2].data.as_deref(), Some("x\ny"));
+        for piece in 1..=7 {
+            let mut s = SseSplitter::default();
+            let mut events = Vec::new();
+            for chunk in body.chunks(piece) {
+                events.extend(s.feed(chunk));
+            }
+            events.extend(s.finish());
+            assert_eq!(events, at_once, "pieces of {piece} bytes");
+        }
+        let passed: Vec<u8> = at_once.iter().flat_map(|e| e.raw.clone()).collect();
+        assert_eq!(passed, body);
     }
 
     #[test]
