@@ -34,6 +34,7 @@ on_both_backends!(
     bad_gateway_requests_get_clear_errors_and_forward_nothing,
     a_silent_upstream_stream_is_ended_metered_and_its_reservation_freed,
     per_key_rate_limits_answer_429_with_retry_after,
+    calls_share_a_group_commit_and_their_request_ids_sort_in_time,
 );
 
 async fn a_silent_upstream_stream_is_ended_metered_and_its_reservation_freed(backend: Backend) {
@@ -371,6 +372,55 @@ async fn metric(app: &TestApp, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// With `commit_delay_ms`, calls answered one after another within the delay are committed
+/// together (one transaction, not one each); request ids (the events' ids) sort in the order
+/// the calls were made, so the ledger's id index grows at its end.
+async fn calls_share_a_group_commit_and_their_request_ids_sort_in_time(backend: Backend) {
+    let s = setup(backend, MockConfig::default(), "commit_delay_ms = 1000").await;
+    let mut ids = Vec::new();
+    let mut first_answered = None;
+    for n in 0..5 {
+        let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": format!("call number {n}")}]});
+        let r = s
+            .app
+            .client
+            .post(s.app.url("/v1/chat/completions"))
+            .bearer_auth(&s.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        first_answered.get_or_insert_with(Instant::now);
+        let id = r.headers()["x-fatura-request-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        ids.push(id);
+    }
+    // Every event was queued before its answer: all five within this span of the first.
+    let span = first_answered.map(|t| t.elapsed()).unwrap_or_default();
+    usage_when(&s.app, 5, "").await;
+    let commits = metric(&s.app, "fatura_meter_commits_total").await;
+    if span < Duration::from_millis(900) {
+        assert_eq!(commits, 1.0, "five calls within the delay share one commit");
+    } else {
+        // A very slow machine: the delay may have closed the batch early, still not one each.
+        assert!(commits < 5.0, "{commits} commits for five calls");
+    }
+    for id in &ids {
+        let hex = id.strip_prefix("gw_").unwrap_or_else(|| panic!("{id}"));
+        assert!(
+            hex.len() == 30 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+    }
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, ids, "request ids sort in the order of the calls");
 }
 
 async fn sync_durability_answers_after_the_commit(backend: Backend) {
