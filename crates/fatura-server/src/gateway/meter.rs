@@ -2,7 +2,8 @@
 //!
 //! Handlers hand finished usage events to [`Meter::record`]. A single writer task takes
 //! whatever is queued, waits up to `commit_delay_ms` after a batch's first event for more
-//! (up to `max_batch`), and commits it in one transaction (group commit) through `Fatura::record_events`, which is idempotent by event id. When the
+//! (up to `max_batch`), and commits it in one transaction (group commit) through
+//! `Fatura::record_events`, which is idempotent by event id. When the
 //! database fails, the batch is appended to a local spill file (JSON lines, fsynced) and
 //! replayed when the database answers again; replays of already-committed events count
 //! as duplicates, so nothing is lost and nothing doubled. On shutdown the writer drains
@@ -11,7 +12,8 @@
 //! Crash window (documented in ARCHITECTURE.md): with `durability = "async"`, events
 //! still in the in-memory queue when the process is killed (SIGKILL, power loss) are lost;
 //! the queue holds at most the calls answered in the last moments (`commit_delay_ms` plus
-//! one batch commit, typically milliseconds). With `durability = "sync"`, the response waits for the commit.
+//! one batch commit, typically milliseconds). With `durability = "sync"`, the response
+//! waits for the commit.
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -52,6 +52,14 @@ impl Endpoint {
             Endpoint::Embeddings => "/embeddings",
         }
     }
+
+    /// Prompt tokens of a request to this endpoint, counted with the tokenizer.
+    fn prompt_tokens(self, request: &Map<String, Value>) -> u64 {
+        match self {
+            Endpoint::Chat => count_chat_prompt(request),
+            Endpoint::Embeddings => count_embedding_input(request),
+        }
+    }
 }
 
 /// What a budgeted call reserves against.
@@ -132,10 +140,7 @@ impl CallContext {
             None => {
                 let (request, endpoint) = (self.request.clone(), self.endpoint);
                 tokio::task::spawn_blocking(move || ReportedUsage {
-                    prompt: match endpoint {
-                        Endpoint::Chat => count_chat_prompt(&request),
-                        Endpoint::Embeddings => count_embedding_input(&request),
-                    },
+                    prompt: endpoint.prompt_tokens(&request),
                     completion: count_text(&completion_text),
                     ..Default::default()
                 })
@@ -726,15 +731,11 @@ async fn call_tokens(
             .unwrap_or(default_max_output),
         Endpoint::Embeddings => 0,
     };
-    let count = move |request: &Map<String, Value>| match endpoint {
-        Endpoint::Chat => count_chat_prompt(request),
-        Endpoint::Embeddings => count_embedding_input(request),
-    };
     let prompt = if body_bytes <= TOKENIZE_INLINE_MAX_BYTES {
-        count(request)
+        endpoint.prompt_tokens(request)
     } else {
         let request = request.clone();
-        tokio::task::spawn_blocking(move || count(&request))
+        tokio::task::spawn_blocking(move || endpoint.prompt_tokens(&request))
             .await
             .map_err(|e| ApiError::internal(&e))?
     };
