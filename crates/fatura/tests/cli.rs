@@ -245,6 +245,30 @@ fn serve_refuses_to_start_without_an_admin_key() {
     assert!(stderr(&o).contains("no admin key"), "{}", stderr(&o));
 }
 
+#[test]
+fn serve_refuses_a_gateway_commit_delay_beyond_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fatura.toml"),
+        "listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://gw.db\"\n[gateway]\ncommit_delay_ms = 5000\n",
+    )
+    .unwrap();
+    let o = Command::new(BIN)
+        .args(["--config", "fatura.toml", "serve"])
+        .current_dir(d)
+        .env("FATURA_ADMIN_KEY", "sk-admin-cli-test-key")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("commit_delay_ms must be at most 1000"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.join("gw.db").exists(), "nothing written");
+}
+
 /// A server process, killed and reaped if a test fails before it stops on its own.
 struct ServerProcess(std::process::Child);
 
