@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::bail;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use clap::Parser;
 use fatura_core::catalog::{PriceComponents, UnitPrice};
 use fatura_core::rating::{
@@ -180,7 +180,7 @@ struct Generated {
 
 fn generate(args: &Args, start: DateTime<Utc>) -> Generated {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let span = 29 * 24 * 3600;
+    let span = (cycle_end(start) - start).num_seconds();
     let events = (0..args.customers)
         .map(|c| {
             (0..args.events_per_customer)
@@ -203,6 +203,28 @@ fn generate(args: &Args, start: DateTime<Utc>) -> Generated {
     Generated { events }
 }
 
+/// The end of the monthly cycle that starts at `start` (a first of the month, UTC).
+fn cycle_end(start: DateTime<Utc>) -> DateTime<Utc> {
+    start
+        .checked_add_months(chrono::Months::new(1))
+        .expect("a month after a calendar date exists")
+}
+
+/// The cycle rated and closed: the last whole UTC calendar month that ended at least four
+/// hours before `now`, so that the billing runs at its end plus two and three hours are in
+/// the past on any date (a run dated in the future bills cycles that have not ended).
+fn closed_cycle(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let reference = now - chrono::Duration::hours(4);
+    let to = Utc
+        .with_ymd_and_hms(reference.year(), reference.month(), 1, 0, 0, 0)
+        .single()
+        .expect("the first of a month at midnight UTC exists");
+    let from = to
+        .checked_sub_months(chrono::Months::new(1))
+        .expect("a month before a calendar date exists");
+    (from, to)
+}
+
 fn segment(terms: &PlanTerms, from: DateTime<Utc>, to: DateTime<Utc>) -> Segment {
     Segment {
         from,
@@ -217,8 +239,7 @@ fn segment(terms: &PlanTerms, from: DateTime<Utc>, to: DateTime<Utc>) -> Segment
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let from = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
-    let to = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
+    let (from, to) = closed_cycle(Utc::now());
     let plans = plans();
     let total_events = args.customers * args.events_per_customer;
     eprintln!(
@@ -298,7 +319,8 @@ async fn main() -> anyhow::Result<()> {
         let fatura = Arc::new(Fatura::new(store, MarginRate::default_floor()));
         let catalog_json = serde_json::json!({"data": MODELS.iter().map(|(id, p, c, r)| serde_json::json!({
             "id": id, "pricing": {"prompt": p, "completion": c, "input_cache_read": r}})).collect::<Vec<_>>()});
-        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        // Prices and plans in force well before the cycle.
+        let t0 = from - chrono::Duration::days(365);
         fatura
             .import_prices(
                 fatura_core::import::CatalogFormat::OpenRouter,
@@ -326,7 +348,8 @@ async fn main() -> anyhow::Result<()> {
         for (c, events) in g.events.iter().enumerate() {
             let id = format!("cust-{c:04}");
             fatura
-                .create_customer(Some(&id), &id, Currency::Usd, Default::default(), now)
+                // Created at the cycle's start: a customer's cycles begin at its creation.
+                .create_customer(Some(&id), &id, Currency::Usd, Default::default(), from)
                 .await?;
             fatura
                 .assign_plan(&id, Some(&format!("plan-{}", c % plans.len())), t0, now)
