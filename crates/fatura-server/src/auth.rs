@@ -4,10 +4,6 @@
 //! time on SHA-256 digests (so neither content nor length leaks through timing). Customer
 //! keys are looked up by their SHA-256; only the hash is stored.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use subtle::ConstantTimeEq;
@@ -34,49 +30,6 @@ pub enum Caller {
         /// Why the customer is suspended (unpaid invoices), if it is.
         suspended: Option<String>,
     },
-}
-
-/// How long a verified customer key is trusted without asking the database again.
-/// Revocation through this instance takes effect at once (the entry is dropped).
-pub const KEY_CACHE_TTL: Duration = Duration::from_secs(30);
-
-/// Verified customer keys, by key hash: keeps the database off the hot path of the gateway
-/// (and lets authenticated calls go on during a short database outage).
-#[derive(Debug, Default)]
-pub struct KeyCache {
-    entries: Mutex<HashMap<String, (Caller, Instant)>>,
-}
-
-impl KeyCache {
-    fn get(&self, hash: &str) -> Option<Caller> {
-        let map = self.entries.lock().ok()?;
-        map.get(hash)
-            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
-            .map(|(c, _)| c.clone())
-    }
-
-    fn put(&self, hash: String, caller: Caller) {
-        if let Ok(mut map) = self.entries.lock() {
-            if map.len() > 100_000 {
-                map.retain(|_, (_, at)| at.elapsed() < KEY_CACHE_TTL);
-            }
-            map.insert(hash, (caller, Instant::now()));
-        }
-    }
-
-    /// Forgets a key (after revocation) or every key of a customer (after a change).
-    pub fn forget(&self, key_id: Option<&str>, customer: Option<&str>) {
-        if let Ok(mut map) = self.entries.lock() {
-            map.retain(|_, (c, _)| match c {
-                Caller::Customer {
-                    key_id: k,
-                    customer_id: cu,
-                    ..
-                } => key_id.is_none_or(|id| id != k) && customer.is_none_or(|id| id != cu),
-                Caller::Admin => true,
-            });
-        }
-    }
 }
 
 impl Caller {
@@ -121,33 +74,18 @@ impl FromRequestParts<AppState> for Caller {
         if bool::from(digest.as_bytes().ct_eq(state.admin_key_hash.as_bytes())) {
             return Ok(Caller::Admin);
         }
-        if let Some(caller) = state.keys.get(&digest) {
-            return Ok(caller);
-        }
-        let store = state.fatura.store();
-        let key = match store.find_active_api_key(&digest).await {
-            Ok(Some(key)) => key,
-            Ok(None) => return Err(ApiError::unauthenticated()),
-            Err(e) => return Err(crate::api::events::service_error(e.into())),
-        };
-        let customer = match store.get_customer(&key.customer_id).await {
-            Ok(Some(c)) => c,
-            Ok(None) => return Err(ApiError::unauthenticated()),
-            Err(e) => return Err(crate::api::events::service_error(e.into())),
-        };
-        let caller = Caller::Customer {
+        let key = state
+            .fatura
+            .verify_key(&digest)
+            .await?
+            .ok_or_else(ApiError::unauthenticated)?;
+        Ok(Caller::Customer {
             customer_id: key.customer_id,
-            key_id: key.id,
-            prepaid: customer.prepaid,
-            spend_limit: customer.monthly_spend_limit,
-            suspended: (customer.status == "suspended").then(|| {
-                customer
-                    .status_reason
-                    .unwrap_or_else(|| "the account is suspended".into())
-            }),
-        };
-        state.keys.put(digest, caller.clone());
-        Ok(caller)
+            key_id: key.key_id,
+            prepaid: key.prepaid,
+            spend_limit: key.spend_limit,
+            suspended: key.suspended,
+        })
     }
 }
 

@@ -295,3 +295,59 @@ impl<T: Serialize> IntoResponse for ApiJson<T> {
         Json(self.0).into_response()
     }
 }
+
+/// Business errors become API errors here, and only here: the service says what went wrong,
+/// this says which status and code the API answers with.
+impl From<crate::service::ServiceError> for ApiError {
+    fn from(e: crate::service::ServiceError) -> Self {
+        use crate::service::ServiceError;
+        match e {
+            ServiceError::Invalid(m) => ApiError::unprocessable("invalid_request", m, Vec::new()),
+            ServiceError::InvalidEvents(list) => {
+                let n = list.len();
+                ApiError::unprocessable(
+                    "invalid_events",
+                    format!("{n} events are invalid; nothing was recorded"),
+                    list.into_iter()
+                        .map(|(index, id, field, message)| ErrorDetail {
+                            index: Some(index),
+                            id,
+                            field,
+                            message,
+                        })
+                        .collect(),
+                )
+            }
+            ServiceError::InvalidField {
+                code,
+                field,
+                message,
+            } => ApiError::unprocessable(
+                code,
+                format!("{field}: {message}"),
+                vec![ErrorDetail {
+                    index: None,
+                    id: None,
+                    field,
+                    message,
+                }],
+            ),
+            ServiceError::BadQuery(m) => ApiError::bad_request("invalid_query", m),
+            ServiceError::NotFound(m) => ApiError::not_found(m),
+            ServiceError::EventConflict(id) => ApiError::conflict(
+                "event_id_conflict",
+                format!(
+                    "event id {id:?} was already recorded with different content; nothing was recorded"
+                ),
+            ),
+            ServiceError::Conflict(m) => ApiError::conflict("conflict", m),
+            ServiceError::Internal(e) if fatura_store::is_unreachable(&e) => {
+                tracing::warn!(error = %format!("{e:#}"), "database unreachable");
+                ApiError::unavailable(
+                    "the database is unavailable; nothing was changed; retry shortly",
+                )
+            }
+            ServiceError::Internal(e) => ApiError::internal(&format!("{e:#}")),
+        }
+    }
+}

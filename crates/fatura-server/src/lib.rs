@@ -56,10 +56,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The gateway, when configured.
     pub gateway: Option<Arc<gateway::Gateway>>,
-    /// Verified customer keys.
-    pub keys: Arc<auth::KeyCache>,
-    /// Prepaid balances and reservations.
-    pub wallets: Arc<wallet::WalletBook>,
     /// Billing policy (grace period).
     pub billing: service::BillingPolicy,
     /// Payment collection, when a processor is configured.
@@ -68,21 +64,12 @@ pub struct AppState {
     pub sessions: Arc<web::Sessions>,
     /// Turns true when the server starts shutting down (ends long-lived streams).
     pub closing: Arc<tokio::sync::watch::Sender<bool>>,
-    /// This process's name among instances sharing a database (random per start).
-    pub instance_id: Arc<str>,
 }
 
 impl AppState {
     /// State for a service and an admin key.
     pub fn new(fatura: Arc<Fatura>, admin_key: &str) -> Self {
-        let instance_id: Arc<str> = Arc::from(format!("fatura-{:016x}", rand::random::<u64>()));
-        let wallets = Arc::new(wallet::WalletBook::new(
-            fatura.store().clone(),
-            &instance_id,
-        ));
         AppState {
-            keys: Arc::new(auth::KeyCache::default()),
-            wallets,
             fatura,
             admin_key_hash: Arc::from(hash_api_key(admin_key)),
             metrics: Arc::new(Metrics::default()),
@@ -91,7 +78,6 @@ impl AppState {
             payments: None,
             sessions: Arc::new(web::Sessions::default()),
             closing: Arc::new(tokio::sync::watch::channel(false).0),
-            instance_id,
         }
     }
 
@@ -104,8 +90,6 @@ impl AppState {
         self.payments = Some(Arc::new(payments::Collector::new(
             self.fatura.clone(),
             processor,
-            self.wallets.clone(),
-            self.keys.clone(),
             policy,
         )));
         self
@@ -115,6 +99,11 @@ impl AppState {
     pub fn with_billing(mut self, billing: service::BillingPolicy) -> Self {
         self.billing = billing;
         self
+    }
+
+    /// Billing runs and the background work, under this state's policy and collector.
+    pub fn scheduler(&self) -> service::scheduler::Scheduler {
+        service::scheduler::Scheduler::new(self.fatura.clone(), self.payments.clone(), self.billing)
     }
 
     /// Adds the gateway (its meter must have been started with this state's metrics).
@@ -357,7 +346,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    state.fatura.start_live_relay();
+    state.fatura.start_background();
     let closing = state.closing.clone();
     let shutdown = async move {
         shutdown.await;

@@ -22,7 +22,6 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::service::{Fatura, ServiceError, ServiceResult};
-use crate::wallet::WalletBook;
 
 /// A processor failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -406,8 +405,6 @@ impl Default for CollectionPolicy {
 pub struct Collector {
     fatura: Arc<Fatura>,
     processor: Arc<dyn PaymentProcessor>,
-    wallets: Arc<WalletBook>,
-    keys: Arc<crate::auth::KeyCache>,
     policy: CollectionPolicy,
 }
 
@@ -434,15 +431,11 @@ impl Collector {
     pub fn new(
         fatura: Arc<Fatura>,
         processor: Arc<dyn PaymentProcessor>,
-        wallets: Arc<WalletBook>,
-        keys: Arc<crate::auth::KeyCache>,
         policy: CollectionPolicy,
     ) -> Self {
         Collector {
             fatura,
             processor,
-            wallets,
-            keys,
             policy,
         }
     }
@@ -586,7 +579,7 @@ impl Collector {
             let Some((threshold, amount)) = c.auto_top_up else {
                 continue;
             };
-            let balance = self.wallets.view(&c.id).await?.available();
+            let balance = self.fatura.wallets().view(&c.id).await?.available();
             if balance >= threshold {
                 continue;
             }
@@ -756,7 +749,7 @@ impl Collector {
             store
                 .set_customer_status(&p.customer_id, "suspended", Some(&reason))
                 .await?;
-            self.keys.forget(None, Some(&p.customer_id));
+            self.fatura.forget_customer_keys(&p.customer_id);
             self.fatura
                 .alert(
                     "customer_suspended",
@@ -922,7 +915,7 @@ impl Collector {
                     .iter()
                     .all(|t| t.id != credit.id)
                 {
-                    self.wallets.add_credit(&credit).await?;
+                    self.fatura.wallets().add_credit(&credit).await?;
                 }
             }
             ("failed", _) if changed => self.on_failure(&p, now).await?,
@@ -947,7 +940,7 @@ impl Collector {
                 .store()
                 .set_customer_status(customer_id, "active", None)
                 .await?;
-            self.keys.forget(None, Some(customer_id));
+            self.fatura.forget_customer_keys(customer_id);
         }
         Ok(())
     }

@@ -30,6 +30,19 @@ pub enum ServiceError {
     /// Events rejected with per-index reasons; nothing was written.
     #[error("{} invalid events", .0.len())]
     InvalidEvents(Vec<(usize, Option<String>, String, String)>),
+    /// One field of the input rejected (422 with the field named); nothing was written.
+    #[error("{field}: {message}")]
+    InvalidField {
+        /// The error code of the kind of input (`invalid_credit`, …).
+        code: &'static str,
+        /// The field.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A bad query parameter (400); nothing was read or written.
+    #[error("{0}")]
+    BadQuery(String),
     /// Something does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -62,7 +75,14 @@ pub type ServiceResult<T> = Result<T, ServiceError>;
 
 pub mod analytics;
 mod billing;
+mod keys;
 mod pricing;
+pub mod scheduler;
+pub mod wallets;
+
+pub use wallets::{CreditKind, CreditRequest, WalletPage};
+
+pub use keys::{KEY_CACHE_TTL, VerifiedKey};
 
 pub use billing::{
     BillingPolicy, DocLine, DocQuantities, DocSection, DocTier, DocUnitPrices, InvoiceDocument,
@@ -184,6 +204,15 @@ pub struct Fatura {
     live: tokio::sync::broadcast::Sender<LiveCall>,
     /// Whether the relay of database-published events runs.
     relay_started: std::sync::atomic::AtomicBool,
+    /// This process's name among instances sharing a database (random per start).
+    instance_id: Arc<str>,
+    /// Prepaid balances and reservations of this process.
+    wallets: Arc<crate::wallet::WalletBook>,
+    /// Verified customer keys.
+    keys: keys::KeyCache,
+    /// The database's change counter as last seen (SQLite: `PRAGMA data_version`), to tell
+    /// when another process wrote to it.
+    external_writes: tokio::sync::Mutex<Option<i64>>,
 }
 
 /// A newly recorded event as the live feed shows it.
@@ -320,7 +349,13 @@ fn random_hex(bytes: usize) -> String {
 impl Fatura {
     /// Wraps a store; `margin` is the default cost-plus margin (87%).
     pub fn new(store: Arc<dyn Store>, margin: MarginRate) -> Self {
+        let instance_id: Arc<str> = Arc::from(format!("fatura-{:016x}", rand::random::<u64>()));
+        let wallets = Arc::new(crate::wallet::WalletBook::new(store.clone(), &instance_id));
         Fatura {
+            instance_id,
+            wallets,
+            keys: keys::KeyCache::default(),
+            external_writes: tokio::sync::Mutex::new(None),
             store,
             margin,
             catalog: RwLock::new(Arc::new(CatalogSnapshot {
@@ -399,9 +434,93 @@ impl Fatura {
         }
     }
 
-    /// The store.
-    pub fn store(&self) -> &Arc<dyn Store> {
+    /// The store: for the service's own modules only (handlers and the CLI go through the
+    /// service's methods).
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// This process's name among instances sharing a database.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// The prepaid balances and reservations of this process.
+    pub fn wallets(&self) -> &Arc<crate::wallet::WalletBook> {
+        &self.wallets
+    }
+
+    /// Which customer a key (its SHA-256, hex) belongs to, if it is an active key: from the
+    /// cache of verified keys, else the database.
+    pub async fn verify_key(&self, key_hash: &str) -> ServiceResult<Option<VerifiedKey>> {
+        if let Some(k) = self.keys.get(key_hash) {
+            return Ok(Some(k));
+        }
+        let Some(key) = self.store.find_active_api_key(key_hash).await? else {
+            return Ok(None);
+        };
+        let Some(customer) = self.store.get_customer(&key.customer_id).await? else {
+            return Ok(None);
+        };
+        let verified = VerifiedKey {
+            customer_id: key.customer_id,
+            key_id: key.id,
+            prepaid: customer.prepaid,
+            spend_limit: customer.monthly_spend_limit,
+            suspended: (customer.status == "suspended").then(|| {
+                customer
+                    .status_reason
+                    .unwrap_or_else(|| "the account is suspended".into())
+            }),
+        };
+        self.keys.put(key_hash.to_string(), verified.clone());
+        Ok(Some(verified))
+    }
+
+    /// Drops cached keys of a customer whose status, limits or keys changed, so the change
+    /// applies to its next call.
+    pub(crate) fn forget_customer_keys(&self, customer_id: &str) {
+        self.keys.forget(None, Some(customer_id));
+    }
+
+    /// Picks up what other processes wrote to the database since the last call (SQLite: a
+    /// `fatura invoices run` or `fatura keys revoke` from the CLI beside `fatura serve`):
+    /// credits this process's wallets do not know yet (rebates of invoices finalised
+    /// elsewhere, grants) are added to them, and verified keys are dropped. A no-op on
+    /// PostgreSQL, where budgets are read from the database itself. Returns whether
+    /// anything had changed.
+    pub async fn sync_external_writes(&self) -> ServiceResult<bool> {
+        let mut seen = self.external_writes.lock().await;
+        let Some(version) = self.store.external_writes().await? else {
+            return Ok(false);
+        };
+        let changed = seen.is_some_and(|v| v != version);
+        *seen = Some(version);
+        if changed {
+            self.keys.clear();
+            self.wallets.sync_credits().await?;
+        }
+        Ok(changed)
+    }
+
+    /// Starts this process's background upkeep: the live relay (PostgreSQL), budget-share
+    /// renewals (fleet mode) and, every second, [`Fatura::sync_external_writes`]. Call from
+    /// inside the runtime (`serve` does).
+    pub fn start_background(self: &Arc<Self>) {
+        self.start_live_relay();
+        self.wallets.start_renewals();
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(fatura) = me.upgrade() else { return };
+                if let Err(e) = fatura.sync_external_writes().await {
+                    tracing::warn!(error = %e, "cannot check the database for other writers");
+                }
+            }
+        });
     }
 
     /// The default margin.
@@ -513,7 +632,116 @@ impl Fatura {
         self.store
             .set_spend_limit(id, limit.map(|d| d.normalize()))
             .await?;
+        // Cached keys carry the limit: drop them so the change applies at once.
+        self.keys.forget(None, Some(id));
         self.customer(id).await
+    }
+
+    /// Every customer, by id.
+    pub async fn customers(&self) -> ServiceResult<Vec<Customer>> {
+        Ok(self.store.list_customers().await?)
+    }
+
+    /// A customer, if it exists.
+    pub async fn find_customer(&self, id: &str) -> ServiceResult<Option<Customer>> {
+        Ok(self.store.get_customer(id).await?)
+    }
+
+    /// A customer's keys (hashes only; revoked ones included).
+    pub async fn api_keys(&self, customer_id: &str) -> ServiceResult<Vec<ApiKeyRecord>> {
+        self.customer(customer_id).await?;
+        Ok(self.store.list_api_keys(customer_id).await?)
+    }
+
+    /// A customer's payment attempts, of one invoice when given.
+    pub async fn payments(
+        &self,
+        customer_id: &str,
+        invoice_id: Option<&str>,
+    ) -> ServiceResult<Vec<fatura_store::PaymentRecord>> {
+        Ok(self.store.list_payments(customer_id, invoice_id).await?)
+    }
+
+    /// Whether the database answers, and which one it is.
+    pub async fn ping(&self) -> ServiceResult<&'static str> {
+        self.store.ping().await?;
+        Ok(self.store.backend())
+    }
+
+    /// Counts a call in the shared per-key rate windows of a fleet (the window starting at
+    /// `window_start_us`): whether it is admitted, or `None` when the database is not
+    /// shared (each process counts alone).
+    pub async fn count_shared_rate(
+        &self,
+        key_id: &str,
+        window_start_us: i64,
+        tokens: u64,
+        requests_per_minute: u64,
+        tokens_per_minute: u64,
+    ) -> ServiceResult<Option<bool>> {
+        if !self.store.shared() {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.store
+                .count_rate(
+                    key_id,
+                    window_start_us,
+                    tokens,
+                    requests_per_minute,
+                    tokens_per_minute,
+                )
+                .await?,
+        ))
+    }
+
+    /// One page of the ledger's events matching `filter`, in `(timestamp, id)` order after
+    /// the cursor `after` (for exports).
+    pub async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> ServiceResult<Vec<fatura_store::ExportRow>> {
+        Ok(self.store.usage_page(filter, after, limit).await?)
+    }
+
+    /// Every movement of a customer's wallet, oldest first.
+    pub async fn wallet_movements(
+        &self,
+        customer_id: &str,
+    ) -> ServiceResult<Vec<fatura_store::WalletTransaction>> {
+        Ok(self.store.wallet_transactions(customer_id).await?)
+    }
+
+    /// Events in the ledger.
+    pub async fn count_events(&self) -> ServiceResult<u64> {
+        Ok(self.store.count_events().await?)
+    }
+
+    /// The rollups recounted from the raw events (an audit: they must equal the stored
+    /// rollups).
+    pub async fn recount_rollups(&self) -> ServiceResult<fatura_core::rollup::RollupDelta> {
+        Ok(self.store.recount_rollups().await?)
+    }
+
+    /// The stored rollups of `[from, to)` at one grain, grouped by `dims`.
+    pub async fn stored_rollups(
+        &self,
+        grain: fatura_core::rollup::Grain,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        dims: fatura_core::rollup::Dims,
+    ) -> ServiceResult<
+        Vec<(
+            fatura_core::rollup::RollupKey,
+            fatura_core::rollup::RollupTotals,
+        )>,
+    > {
+        Ok(self
+            .store
+            .query_rollups(grain, from, to, None, dims)
+            .await?)
     }
 
     /// A customer, or `NotFound`.
@@ -547,6 +775,8 @@ impl Fatura {
     /// Revokes a key.
     pub async fn revoke_api_key(&self, id: &str, now: DateTime<Utc>) -> ServiceResult<()> {
         if self.store.revoke_api_key(id, now).await? {
+            // The revoked key stops working on this instance at once.
+            self.keys.forget(Some(id), None);
             Ok(())
         } else {
             Err(ServiceError::NotFound(format!("no active key {id:?}")))

@@ -43,6 +43,9 @@ const SPARE_CALLS: i64 = 64;
 struct WalletState {
     loaded: bool,
     balance: Decimal,
+    /// Ids of the credits counted in `balance` (a credit another process wrote is added
+    /// once, by `sync_credits`, whichever of it and this process's own update comes first).
+    credits: HashSet<String>,
     reserved: Decimal,
     /// Postpaid spend limits: the UTC month `spent` belongs to, and the provisional price
     /// of the customer's calls in it.
@@ -97,6 +100,7 @@ pub struct WalletBook {
     /// Fleet mode: this instance's name in `wallet_holds`.
     fleet: Option<String>,
     wallets: std::sync::Mutex<HashMap<String, Arc<Mutex<WalletState>>>>,
+    renewals_started: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for WalletBook {
@@ -105,13 +109,22 @@ impl std::fmt::Debug for WalletBook {
     }
 }
 
+/// The kind of a wallet movement that pays for a call; every other kind is a credit.
+const CHARGE: &str = "charge";
+
 /// The balance of a customer's wallet from its stored movements.
-pub async fn stored_balance(
+pub(crate) async fn stored_balance(
     store: &dyn Store,
     customer_id: &str,
     now: DateTime<Utc>,
 ) -> Result<Decimal, StoreError> {
-    let txs = store.wallet_transactions(customer_id).await?;
+    Ok(balance_of(
+        &store.wallet_transactions(customer_id).await?,
+        now,
+    ))
+}
+
+fn balance_of(txs: &[fatura_store::WalletTransaction], now: DateTime<Utc>) -> Decimal {
     let movements: Vec<WalletMovement> = txs
         .iter()
         .map(|t| WalletMovement {
@@ -120,7 +133,7 @@ pub async fn stored_balance(
             expires_at: t.expires_at,
         })
         .collect();
-    Ok(wallet_balance(&movements, now))
+    wallet_balance(&movements, now)
 }
 
 impl WalletBook {
@@ -132,6 +145,7 @@ impl WalletBook {
             store,
             fleet,
             wallets: std::sync::Mutex::new(HashMap::new()),
+            renewals_started: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -266,9 +280,14 @@ impl WalletBook {
         Ok(())
     }
 
-    /// Fleet mode: renews shares every [`RENEW_EVERY`] for as long as the book lives.
+    /// Fleet mode: renews shares every [`RENEW_EVERY`] for as long as the book lives (once
+    /// per book, however often it is called).
     pub fn start_renewals(self: &Arc<Self>) {
-        if self.fleet.is_none() {
+        if self.fleet.is_none()
+            || self
+                .renewals_started
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             return;
         }
         let book = Arc::downgrade(self);
@@ -309,8 +328,40 @@ impl WalletBook {
 
     async fn load(&self, state: &mut WalletState, customer_id: &str) -> Result<(), StoreError> {
         if !state.loaded {
-            state.balance = stored_balance(self.store.as_ref(), customer_id, Utc::now()).await?;
+            let txs = self.store.wallet_transactions(customer_id).await?;
+            state.balance = balance_of(&txs, Utc::now());
+            state.credits = txs
+                .into_iter()
+                .filter(|t| t.kind != CHARGE)
+                .map(|t| t.id)
+                .collect();
             state.loaded = true;
+        }
+        Ok(())
+    }
+
+    /// Adds to this process's loaded wallets the credits other processes recorded since
+    /// they were loaded (a rebate of an invoice finalised by `fatura invoices run`, a grant
+    /// from the CLI), each once. Charges are written only by the process serving the calls,
+    /// so credits are all another process can add. Not needed in fleet mode, where budgets
+    /// are read from the database.
+    pub async fn sync_credits(&self) -> Result<(), StoreError> {
+        if self.fleet.is_some() {
+            return Ok(());
+        }
+        for (customer_id, entry) in self.snapshot() {
+            // Under the wallet's lock: this process's own credits are recorded and counted
+            // under it too, so none is missed or counted twice.
+            let mut state = entry.lock().await;
+            if !state.loaded {
+                continue;
+            }
+            for t in self.store.wallet_transactions(&customer_id).await? {
+                if t.kind != CHARGE && !state.credits.contains(&t.id) {
+                    state.balance += t.amount;
+                    state.credits.insert(t.id);
+                }
+            }
         }
         Ok(())
     }
@@ -427,18 +478,18 @@ impl WalletBook {
         let entry = self.entry(&credit.customer_id);
         let mut state = entry.lock().await;
         self.store.add_wallet_credit(credit).await?;
-        if state.loaded {
+        if state.loaded && state.credits.insert(credit.id.clone()) {
             state.balance += credit.amount;
         }
         Ok(())
     }
 
     /// Adds a credit the store already recorded (e.g. an invoice's prepaid rebate, written
-    /// in the invoice's transaction) to a loaded wallet.
-    pub async fn credited(&self, customer_id: &str, amount: Decimal) {
+    /// in the invoice's transaction) to a loaded wallet, unless it is counted already.
+    pub(crate) async fn credited(&self, customer_id: &str, credit_id: &str, amount: Decimal) {
         let entry = self.entry(customer_id);
         let mut state = entry.lock().await;
-        if state.loaded {
+        if state.loaded && state.credits.insert(credit_id.to_string()) {
             state.balance += amount;
         }
     }

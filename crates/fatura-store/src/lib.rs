@@ -920,6 +920,14 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Remembers a webhook event id; false if it was seen before.
     async fn record_webhook(&self, id: &str, kind: &str, at: DateTime<Utc>) -> StoreResult<bool>;
+
+    /// A counter that changes whenever another process commits to the database (SQLite:
+    /// `PRAGMA data_version` of the write connection), so that a process keeping state in
+    /// memory can tell when to refresh it. `None` where that is not needed (PostgreSQL:
+    /// shared state is read from the database).
+    async fn external_writes(&self) -> StoreResult<Option<i64>> {
+        Ok(None)
+    }
     /// Rollup rows of `grain` with `from <= bucket < to`, summed in the database over the
     /// dimensions `by` does not keep: of one customer; or of every customer when `by` keeps
     /// the customer or the agent; else the fleet rows (`customer_id` = [`fatura_core::rollup::FLEET`]).

@@ -29,9 +29,8 @@ use fatura_server::gateway::GatewayConfig;
 use fatura_server::gateway::config::{RouteConfig, UpstreamConfig, UpstreamKind};
 use fatura_server::mock::{Flavor, MockConfig, serve_mock};
 use fatura_server::service::analytics::OutcomeInput;
-use fatura_server::service::{Billing, BillingPolicy, Fatura};
-use fatura_server::wallet::WalletBook;
-use fatura_store::{BillingSettings, WalletTransaction};
+use fatura_server::service::{Billing, BillingPolicy, CreditKind, CreditRequest, Fatura};
+use fatura_store::BillingSettings;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -555,7 +554,7 @@ struct Seeded {
 async fn demo_present(fatura: &Fatura, database: &str) -> anyhow::Result<bool> {
     let mut present = 0;
     for c in CUSTOMERS {
-        if fatura.store().get_customer(c.id).await?.is_some() {
+        if fatura.find_customer(c.id).await?.is_some() {
             present += 1;
         }
     }
@@ -573,7 +572,6 @@ async fn demo_present(fatura: &Fatura, database: &str) -> anyhow::Result<bool> {
 /// outcomes, and a billing run at `now`.
 async fn seed(
     fatura: &Fatura,
-    wallets: &WalletBook,
     history_days: u32,
     policy: BillingPolicy,
     now: DateTime<Utc>,
@@ -670,7 +668,7 @@ async fn seed(
                 ((spend * Decimal::new(12, 1)) / Decimal::from(100)).ceil() * Decimal::from(100);
             let at = start + chrono::Duration::days(month * 30);
             if pack > Decimal::ZERO && at < now {
-                credit(wallets, c.id, month, pack, at).await?;
+                credit(fatura, c.id, pack, at).await?;
                 balance += pack;
             }
             balance -= spend;
@@ -678,7 +676,7 @@ async fn seed(
         let floor = Decimal::from(TOP_UP_USD);
         if balance < floor {
             let top = ((floor - balance) / Decimal::from(100)).ceil() * Decimal::from(100);
-            credit(wallets, c.id, months + 1, top, now).await?;
+            credit(fatura, c.id, top, now).await?;
         }
     }
     let total = events.len();
@@ -706,42 +704,34 @@ async fn seed(
     })
 }
 
-/// A purchased credit of `amount` USD at `at` (through the wallet book, as the API does).
+/// A purchased credit of `amount` USD at `at` (through the service, as the API does).
 async fn credit(
-    wallets: &WalletBook,
+    fatura: &Fatura,
     customer_id: &str,
-    n: i64,
     amount: Decimal,
     at: DateTime<Utc>,
 ) -> anyhow::Result<()> {
-    wallets
-        .add_credit(&WalletTransaction {
-            id: format!("wtx_demo_{customer_id}_{n}_{}", at.timestamp()),
-            customer_id: customer_id.to_string(),
-            kind: "purchased".into(),
-            amount,
-            currency: Currency::Usd,
-            event_id: None,
-            expires_at: None,
-            created_at: at,
-        })
+    fatura
+        .add_wallet_credit(
+            customer_id,
+            CreditRequest {
+                amount,
+                currency: Currency::Usd,
+                kind: CreditKind::Purchased,
+                expires_at: None,
+            },
+            at,
+        )
         .await
-        .with_context(|| format!("cannot credit the wallet of {customer_id}"))
+        .with_context(|| format!("cannot credit the wallet of {customer_id}"))?;
+    Ok(())
 }
 
 /// Tops up a prepaid wallet whose available balance is low.
-async fn top_up_if_low(wallets: &WalletBook, customer_id: &str) -> anyhow::Result<()> {
-    let view = wallets.view(customer_id).await?;
+async fn top_up_if_low(fatura: &Fatura, customer_id: &str) -> anyhow::Result<()> {
+    let view = fatura.wallet_balance(customer_id).await?;
     if view.available() < Decimal::from(LOW_BALANCE_USD) {
-        let now = Utc::now();
-        credit(
-            wallets,
-            customer_id,
-            now.timestamp_subsec_micros().into(),
-            Decimal::from(TOP_UP_USD),
-            now,
-        )
-        .await?;
+        credit(fatura, customer_id, Decimal::from(TOP_UP_USD), Utc::now()).await?;
         tracing::info!(
             customer = customer_id,
             amount = TOP_UP_USD,
@@ -852,7 +842,7 @@ fn live_call(rng: &mut StdRng, callers: &[LiveCaller]) -> Option<(usize, &'stati
 async fn traffic(
     base: String,
     callers: Vec<LiveCaller>,
-    wallets: Arc<WalletBook>,
+    fatura: Arc<Fatura>,
     rate: f64,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -886,11 +876,11 @@ async fn traffic(
         let Some((i, agent, body)) = live_call(&mut rng, &callers) else {
             continue;
         };
-        let (client, url, callers, wallets, top_ups) = (
+        let (client, url, callers, fatura, top_ups) = (
             client.clone(),
             url.clone(),
             callers.clone(),
-            wallets.clone(),
+            fatura.clone(),
             top_ups.clone(),
         );
         tokio::spawn(async move {
@@ -909,7 +899,7 @@ async fn traffic(
             let _ = response.bytes().await;
             if status == reqwest::StatusCode::PAYMENT_REQUIRED && caller.customer.prepaid {
                 let _guard = top_ups.lock().await;
-                if let Err(e) = top_up_if_low(&wallets, caller.customer.id).await {
+                if let Err(e) = top_up_if_low(&fatura, caller.customer.id).await {
                     tracing::warn!(error = %e, "demo: cannot top up a prepaid wallet");
                 }
             }
@@ -983,14 +973,7 @@ pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<()> {
         let policy = BillingPolicy {
             grace: config.billing_grace,
         };
-        let s = seed(
-            &fatura,
-            &server.state.wallets,
-            args.history_days,
-            policy,
-            now,
-        )
-        .await?;
+        let s = seed(&fatura, args.history_days, policy, now).await?;
         println!(
             "Seeded {database}: {} customers (USD and BRL, prepaid and postpaid), {} plans, \
              {} calls over the last {} days, {} outcomes, {} invoices",
@@ -1006,7 +989,7 @@ pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<()> {
     let mut callers = Vec::with_capacity(CUSTOMERS.len());
     for c in CUSTOMERS {
         if c.prepaid {
-            top_up_if_low(&server.state.wallets, c.id).await?;
+            top_up_if_low(&fatura, c.id).await?;
         }
         if !args.no_traffic {
             let key = fatura.create_api_key(c.id, now).await?;
@@ -1023,7 +1006,7 @@ pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<()> {
         tokio::spawn(traffic(
             format!("http://{url}"),
             callers,
-            server.state.wallets.clone(),
+            fatura.clone(),
             args.rate,
             stop_rx,
         ))

@@ -335,12 +335,8 @@ async fn build_server(
     }
     let mut writer = None;
     if let Some(gw) = gateway {
-        let (meter, w) = fatura_server::gateway::Meter::start(
-            fatura.clone(),
-            &gw,
-            state.metrics.clone(),
-            state.wallets.clone(),
-        );
+        let (meter, w) =
+            fatura_server::gateway::Meter::start(fatura.clone(), &gw, state.metrics.clone());
         let gateway = fatura_server::gateway::Gateway::new(gw, meter, |v| std::env::var(v).ok())
             .map_err(anyhow::Error::msg)?;
         state = state.with_gateway(Arc::new(gateway));
@@ -372,18 +368,13 @@ impl Server {
             database,
         } = self;
         tracing::info!(%addr, %database, gateway = writer.is_some(), "fatura listening");
-        let scheduler = billing_every.map(|every| {
-            tokio::spawn(fatura_server::api::invoices::scheduler(
-                state.clone(),
-                every,
-            ))
-        });
         // Not the state: it holds the metering queue, which must close for the drain below.
-        let (fatura, instance_id) = (state.fatura.clone(), state.instance_id.clone());
+        let scheduler = state.scheduler();
+        let running = billing_every.map(|every| tokio::spawn(scheduler.clone().run(every)));
         fatura_server::serve(listener, state, shutdown).await?;
-        if let Some(s) = scheduler {
+        if let Some(s) = running {
             s.abort();
-            fatura_server::api::invoices::release_scheduler_lease(&fatura, &instance_id).await;
+            scheduler.release_lease().await;
         }
         if let Some(w) = writer {
             // The server (and with it every handle on the queue) is gone: drain it.
@@ -476,7 +467,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Customers(CustomersCommand::List) => {
             let fatura = open(&config).await?;
-            for c in fatura.store().list_customers().await? {
+            for c in fatura.customers().await? {
                 println!(
                     "{}\t{}\t{}\t{}",
                     c.id,

@@ -37,13 +37,7 @@ async fn stored_rollups(app: &TestApp) -> RollupDelta {
     };
     for g in Grain::ALL {
         for by in [fatura_core::rollup::Dims::ALL, fleet] {
-            for (k, t) in app
-                .fatura
-                .store()
-                .query_rollups(g, from, to, None, by)
-                .await
-                .unwrap()
-            {
+            for (k, t) in app.fatura.stored_rollups(g, from, to, by).await.unwrap() {
                 assert!(all.insert(k, t).is_none());
             }
         }
@@ -103,7 +97,7 @@ async fn rollups_equal_a_recount_after_random_streams(backend: Backend) {
             let (s, body) = app.post("/v1/events", &json!({ "events": events })).await;
             assert_eq!(s, StatusCode::OK, "{body}");
         }
-        let before = app.fatura.store().recount_rollups().await.unwrap();
+        let before = app.fatura.recount_rollups().await.unwrap();
         assert_eq!(stored_rollups(&app).await, before, "seed {seed}");
         // A late price for the unpriced model prices its events: rollups follow.
         catalog(
@@ -112,7 +106,7 @@ async fn rollups_equal_a_recount_after_random_streams(backend: Backend) {
             &[("acme/unpriced", "0.000001", "0.000002")],
         )
         .await;
-        let after = app.fatura.store().recount_rollups().await.unwrap();
+        let after = app.fatura.recount_rollups().await.unwrap();
         assert_ne!(before, after, "the backfill changed costs");
         assert!(after.values().all(|t| t.unpriced_events == 0));
         assert_eq!(
@@ -382,7 +376,7 @@ async fn minute_rollups_are_kept_for_recent_events_only(backend: Backend) {
     );
     let rows = stored_rollups(&app).await;
     assert!(rows.keys().all(|k| k.grain != Grain::Minute));
-    let recount = app.fatura.store().recount_rollups().await.unwrap();
+    let recount = app.fatura.recount_rollups().await.unwrap();
     let without_minutes = |d: &RollupDelta| -> RollupDelta {
         d.iter()
             .filter(|(k, _)| k.grain != Grain::Minute)

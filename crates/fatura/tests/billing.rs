@@ -372,7 +372,13 @@ async fn bad_billing_input_is_refused_and_changes_nothing(backend: Backend) {
 /// renewing (it died), the other takes over once the lease has run out; a clean stop hands
 /// it over at once. The cycle is invoiced exactly once.
 async fn one_instance_at_a_time_runs_the_background_work(backend: Backend) {
-    use fatura_server::api::invoices::{release_scheduler_lease, scheduler_tick};
+    async fn scheduler_tick(
+        state: &fatura_server::AppState,
+        now: chrono::DateTime<chrono::Utc>,
+        lease: std::time::Duration,
+    ) -> bool {
+        state.scheduler().tick(now, lease).await
+    }
     let app = setup(backend).await;
     post_events(&app, vec![call("n1", "2026-11-10T12:00:00Z")]).await;
     let other = fatura_store::connect(&app.database_url, 4).await.unwrap();
@@ -386,7 +392,10 @@ async fn one_instance_at_a_time_runs_the_background_work(backend: Backend) {
             common::ADMIN_KEY,
         ),
     ];
-    assert_ne!(instances[0].instance_id, instances[1].instance_id);
+    assert_ne!(
+        instances[0].fatura.instance_id(),
+        instances[1].fatura.instance_id()
+    );
     let lease = std::time::Duration::from_secs(60);
     let t0: chrono::DateTime<chrono::Utc> = "2026-12-01T02:00:00Z".parse().unwrap();
     let at = |s: i64| t0 + chrono::Duration::seconds(s);
@@ -421,7 +430,7 @@ async fn one_instance_at_a_time_runs_the_background_work(backend: Backend) {
         "no longer the holder"
     );
     // A clean stop hands the lease over at once.
-    release_scheduler_lease(&waiter.fatura, &waiter.instance_id).await;
+    waiter.scheduler().release_lease().await;
     assert!(scheduler_tick(holder, at(101), lease).await);
     // Whoever ran, the cycle has one invoice.
     let list = invoices(&app, "?customer_id=c1").await;

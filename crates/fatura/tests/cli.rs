@@ -285,9 +285,21 @@ fn spawn_server(
     dir: &Path,
     database: &str,
 ) -> (ServerProcess, String, std::sync::mpsc::Receiver<String>) {
+    spawn_server_with(
+        dir,
+        &["serve", "--listen", "127.0.0.1:0", "--database", database],
+    )
+}
+
+/// Starts `fatura` with `args` (a `serve`) and returns as [`spawn_server`] does.
+fn spawn_server_with(
+    dir: &Path,
+    args: &[&str],
+) -> (ServerProcess, String, std::sync::mpsc::Receiver<String>) {
     let child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
+        .args(args)
         .current_dir(dir)
+        .env("FATURA_CLI_TEST_UPSTREAM_KEY", "sk-cli-upstream")
         .env("FATURA_ADMIN_KEY", ADMIN)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -548,4 +560,206 @@ fn plans_and_rates_are_managed_from_the_cli() {
     let o = fatura(d, &["invoices", "run", "--at", "soon"]);
     assert!(!o.status.success());
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}
+
+/// `fatura invoices run` and `fatura keys revoke` from the CLI while `fatura serve` runs on
+/// the same SQLite file: the server's real-time wallet (what its gateway reserves against)
+/// counts the volume-discount rebate the CLI's run credited, and the revoked key stops
+/// working on the server. (Before, the server's in-memory balance never saw the rebate.)
+#[test]
+fn a_cli_billing_run_beside_serve_leaves_the_servers_wallets_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mock = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(fatura_server::mock::serve_mock(
+            listener,
+            fatura_server::mock::MockConfig {
+                api_key: Some("sk-cli-upstream".into()),
+                ..Default::default()
+            },
+            std::future::pending(),
+        ));
+        addr
+    });
+    std::fs::write(
+        d.join("fatura.toml"),
+        format!(
+            r#"database_url = "sqlite://fatura.db"
+[billing]
+run_every_seconds = 0
+[gateway]
+[[gateway.upstreams]]
+name = "primary"
+kind = "openai"
+base_url = "http://{mock}/v1"
+api_key_env = "FATURA_CLI_TEST_UPSTREAM_KEY"
+[[gateway.routes]]
+models = ["*"]
+upstreams = ["primary"]
+"#
+        ),
+    )
+    .unwrap();
+    let (_server, addr, _logs) = spawn_server_with(
+        d,
+        &[
+            "--config",
+            "fatura.toml",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    let admin = |m: reqwest::Method, path: &str| {
+        client
+            .request(m, format!("{base}{path}"))
+            .bearer_auth(ADMIN)
+    };
+    let key: Value = rt.block_on(async {
+        let catalog = json!({"data": [{"id": "flat", "pricing": {"prompt": "0", "completion": "0.0013"}}]});
+        let r = admin(
+            reqwest::Method::POST,
+            "/v1/prices/import?format=openrouter&provider=openai&effective_from=2020-01-01T00:00:00Z",
+        )
+        .body(catalog.to_string())
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        // "flat" at 0.02 per completion token (list), 25% off beyond 0.10 of spend.
+        for (path, body) in [
+            (
+                "/v1/plans",
+                json!({"id": "tiered", "name": "Tiered", "currency": "USD", "kind": "list",
+                    "list_prices": [{"pattern": "flat", "prompt": "0", "completion": "20000"}],
+                    "tiers": {"metric": "spend", "mode": "graduated", "tiers": [
+                        {"up_to": "0.10", "discount": "0"}, {"up_to": null, "discount": "0.25"}]},
+                    "effective_from": "2020-01-01T00:00:00Z"}),
+            ),
+            (
+                "/v1/customers",
+                json!({"id": "pre", "name": "Prepaid", "billing_mode": "prepaid"}),
+            ),
+            (
+                "/v1/customers/pre/wallet/credits",
+                json!({"amount": "1.00", "currency": "USD", "kind": "purchased"}),
+            ),
+        ] {
+            let r = admin(reqwest::Method::POST, path).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 201, "{path}: {}", r.text().await.unwrap());
+        }
+        let r = admin(reqwest::Method::PATCH, "/v1/customers/pre")
+            .json(&json!({"plan_id": "tiered", "plan_effective_from": "2020-01-01T00:00:00Z"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        admin(reqwest::Method::POST, "/v1/customers/pre/keys")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    let secret = key["key"].as_str().unwrap().to_string();
+    let call = |max_tokens: u64| {
+        let (client, url, secret) = (
+            client.clone(),
+            format!("{base}/v1/chat/completions"),
+            secret.clone(),
+        );
+        async move {
+            client
+                .post(url)
+                .bearer_auth(secret)
+                .json(&json!({"model": "flat", "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "mock": {"completion_tokens": 10}}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let wallet = || async {
+        let w: Value = admin(reqwest::Method::GET, "/v1/customers/pre/wallet")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        w
+    };
+    rt.block_on(async {
+        // Four calls of 10 tokens, each 0.20 from the wallet: 0.20 left once all are written.
+        for _ in 0..4 {
+            assert_eq!(call(10).await, 200);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let w = wallet().await;
+            if w["transactions"].as_array().unwrap().len() == 5 {
+                assert_eq!(w["balance"], "0.2", "{w}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the calls were not written: {w}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // 0.30 (15 tokens) is more than is left.
+        assert_eq!(call(15).await, 402);
+    });
+    // The cycle's run, from the CLI: 0.62 billed (0.10 + 0.70 at 25% off), paid from the
+    // 0.80 the wallet paid; 0.18 credited back to the wallet.
+    let (_, end) = fatura_core::billing::CycleSpec::default().cycle_containing(chrono::Utc::now());
+    let at = (end + chrono::Duration::hours(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let o = fatura(
+        d,
+        &["--config", "fatura.toml", "invoices", "run", "--at", &at],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("\tpre\t0.62 USD"), "{}", stdout(&o));
+    rt.block_on(async {
+        let w = wallet().await;
+        assert_eq!(w["balance"], "0.38", "the rebate counts on the server: {w}");
+        assert_eq!(w["available"], "0.38", "{w}");
+        // And the gateway reserves against it: 0.30 now fits.
+        assert_eq!(call(15).await, 200);
+    });
+    // A key revoked from the CLI stops working on the server (its cache is dropped).
+    let o = fatura(
+        d,
+        &[
+            "--config",
+            "fatura.toml",
+            "keys",
+            "revoke",
+            key["id"].as_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = call(1).await;
+            if status == 401 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the revoked key still works on the server: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
 }

@@ -659,13 +659,7 @@ async fn a_payment_left_pending_by_a_dead_instance_is_pushed_again_exactly_once(
     assert_eq!(report.finalized.len(), 1);
     let invoice = report.finalized[0].id.clone();
     a.collect_due(chrono::Utc::now()).await.unwrap();
-    let payments = || async {
-        app.fatura
-            .store()
-            .list_payments("acme", Some(&invoice))
-            .await
-            .unwrap()
-    };
+    let payments = || async { app.fatura.payments("acme", Some(&invoice)).await.unwrap() };
     let p = payments().await;
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(

@@ -499,13 +499,12 @@ async fn a_database_outage_loses_nothing_and_doubles_nothing() {
         .count();
     let (_, by_customer) = s.app.get("/v1/usage?group_by=customer").await;
     assert_eq!(charges, 11, "{w}\n{by_customer}");
-    let stored = fatura_server::wallet::stored_balance(
-        s.app.fatura.store().as_ref(),
-        "pre",
-        chrono::Utc::now(),
-    )
-    .await
-    .unwrap();
+    let stored = s
+        .app
+        .fatura
+        .stored_wallet_balance("pre", chrono::Utc::now())
+        .await
+        .unwrap();
     assert_eq!(
         stored.normalize().to_string(),
         w["balance"].as_str().unwrap(),
@@ -1671,13 +1670,12 @@ async fn prepaid_usage_is_invoiced_as_paid_from_the_wallet_with_the_volume_disco
     assert_eq!(inv["status"], "paid", "nothing to collect");
     assert_eq!(wallet(&s.app, "pre").await["balance"], "0.38");
     let w = wallet(&s.app, "pre").await;
-    let stored = fatura_server::wallet::stored_balance(
-        s.app.fatura.store().as_ref(),
-        "pre",
-        chrono::Utc::now(),
-    )
-    .await
-    .unwrap();
+    let stored = s
+        .app
+        .fatura
+        .stored_wallet_balance("pre", chrono::Utc::now())
+        .await
+        .unwrap();
     assert_eq!(
         w["balance"].as_str().unwrap(),
         stored.normalize().to_string()

@@ -355,7 +355,7 @@ async fn main() -> anyhow::Result<()> {
         server
             .join()
             .map_err(|_| anyhow::anyhow!("server thread panicked"))?;
-        let stored = s.fatura.store().count_events().await?;
+        let stored = s.fatura.count_events().await?;
         if stored != base.events + http.events {
             bail!(
                 "{backend}: ledger holds {stored} events, {} were acknowledged",

@@ -8,7 +8,6 @@ use fatura_core::rollup::{Grain, RollupTotals};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::events::service_error;
 use super::prices::instant;
 use crate::AppState;
 use crate::auth::Caller;
@@ -105,8 +104,7 @@ pub async fn timeseries(
     let points = state
         .fatura
         .timeseries(metric, grain, from, to, group_by, customer.as_deref())
-        .await
-        .map_err(service_error)?;
+        .await?;
     if csv {
         let mut out = String::from("bucket,group,value\r\n");
         for p in &points {
@@ -241,11 +239,7 @@ pub async fn summary(
     let Query(q) = query?;
     let customer = caller.scope_customer(q.customer_id)?;
     let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
-    let s = state
-        .fatura
-        .summary(from, to, customer.as_deref())
-        .await
-        .map_err(service_error)?;
+    let s = state.fatura.summary(from, to, customer.as_deref()).await?;
     let operator = matches!(caller, Caller::Admin);
     let [models, providers, customers, agents] = s.top;
     let list = |v: Vec<crate::service::analytics::Ranked>| {
@@ -350,11 +344,7 @@ pub async fn post_outcomes(
             kind: o.kind,
         });
     }
-    let (accepted, duplicates) = state
-        .fatura
-        .record_outcomes(inputs, Utc::now())
-        .await
-        .map_err(service_error)?;
+    let (accepted, duplicates) = state.fatura.record_outcomes(inputs, Utc::now()).await?;
     Ok(ApiJson(OutcomesOut {
         accepted,
         duplicates,
@@ -421,8 +411,7 @@ pub async fn roi(
     let rows = state
         .fatura
         .roi(group_by, from, to, customer.as_deref())
-        .await
-        .map_err(service_error)?;
+        .await?;
     Ok(ApiJson(RoiList {
         data: rows
             .into_iter()
@@ -534,11 +523,7 @@ pub async fn forecast(
         .scope_customer(q.customer_id)?
         .ok_or_else(|| invalid("customer_id: required"))?;
     let at = instant("at", q.at.as_deref())?.unwrap_or_else(Utc::now);
-    let f = state
-        .fatura
-        .forecast(&customer, at, q.horizon)
-        .await
-        .map_err(service_error)?;
+    let f = state.fatura.forecast(&customer, at, q.horizon).await?;
     let operator = matches!(caller, Caller::Admin);
     Ok(ApiJson(ForecastOut {
         customer_id: customer,
@@ -638,8 +623,7 @@ pub async fn provider_comparison(
     let rows = state
         .fatura
         .provider_comparison(from, to, q.customer_id.as_deref())
-        .await
-        .map_err(service_error)?;
+        .await?;
     let mut actual = rust_decimal::Decimal::ZERO;
     let mut cheapest = rust_decimal::Decimal::ZERO;
     let data = rows

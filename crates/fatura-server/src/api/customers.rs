@@ -8,7 +8,6 @@ use fatura_store::{ApiKeyRecord, Customer};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::events::service_error;
 use crate::AppState;
 use crate::auth::Admin;
 use crate::error::{ApiError, ApiJson, ErrorBody};
@@ -181,11 +180,7 @@ pub struct UpdateCustomer {
 
 /// Fills in the plan in force now.
 async fn with_plan(state: &AppState, c: Customer) -> Result<CustomerOut, ApiError> {
-    let (plan_id, _) = state
-        .fatura
-        .customer_plan(&c.id, Utc::now())
-        .await
-        .map_err(service_error)?;
+    let (plan_id, _) = state.fatura.customer_plan(&c.id, Utc::now()).await?;
     let mut out = CustomerOut::from(c);
     out.plan_id = plan_id;
     Ok(out)
@@ -313,8 +308,7 @@ pub async fn create_customer(
             },
             Utc::now(),
         )
-        .await
-        .map_err(service_error)?;
+        .await?;
     Ok((StatusCode::CREATED, ApiJson(customer.into())))
 }
 
@@ -326,12 +320,7 @@ pub async fn list_customers(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<ApiJson<CustomerList>, ApiError> {
-    let list = state
-        .fatura
-        .store()
-        .list_customers()
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let list = state.fatura.customers().await?;
     Ok(ApiJson(CustomerList {
         data: {
             let mut out = Vec::with_capacity(list.len());
@@ -355,7 +344,7 @@ pub async fn update_customer(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<UpdateCustomer>,
 ) -> Result<ApiJson<CustomerOut>, ApiError> {
-    let mut customer = state.fatura.customer(&id).await.map_err(service_error)?;
+    let mut customer = state.fatura.customer(&id).await?;
     // Everything is checked before anything is written.
     let limit = req
         .monthly_spend_limit
@@ -363,7 +352,7 @@ pub async fn update_customer(
         .map(|l| parse_limit(l.as_deref()))
         .transpose()?;
     if let Some(limit) = limit {
-        crate::service::check_spend_limit(customer.prepaid, limit).map_err(service_error)?;
+        crate::service::check_spend_limit(customer.prepaid, limit)?;
     }
     let settings_changed = req.billing_anchor_day.is_some()
         || req.timezone.is_some()
@@ -379,7 +368,7 @@ pub async fn update_customer(
         req.locale.as_ref(),
     )?;
     if settings_changed {
-        crate::service::check_billing_settings(&settings).map_err(service_error)?;
+        crate::service::check_billing_settings(&settings)?;
     }
     let effective_from =
         super::prices::instant("plan_effective_from", req.plan_effective_from.as_deref())?;
@@ -395,8 +384,7 @@ pub async fn update_customer(
         state
             .fatura
             .assign_plan(&id, plan_id.as_deref(), effective_from.unwrap_or(now), now)
-            .await
-            .map_err(service_error)?;
+            .await?;
     }
     let auto_top_up = match (&req.auto_top_up_threshold, &req.auto_top_up_amount) {
         (None, None) => None,
@@ -424,34 +412,20 @@ pub async fn update_customer(
     if let Some(Some((t, a))) = auto_top_up {
         // Checked before anything is written (prepaid only, amounts).
         if !customer.prepaid || t.is_sign_negative() || a <= Decimal::ZERO {
-            return Err(service_error(crate::service::ServiceError::Invalid(
+            return Err(ApiError::from(crate::service::ServiceError::Invalid(
                 "auto_top_up: for prepaid customers, with a threshold ≥ 0 and a positive amount"
                     .into(),
             )));
         }
     }
     if settings_changed {
-        customer = state
-            .fatura
-            .set_billing_settings(&id, &settings)
-            .await
-            .map_err(service_error)?;
+        customer = state.fatura.set_billing_settings(&id, &settings).await?;
     }
     if let Some(rule) = auto_top_up {
-        customer = state
-            .fatura
-            .set_auto_top_up(&id, rule)
-            .await
-            .map_err(service_error)?;
+        customer = state.fatura.set_auto_top_up(&id, rule).await?;
     }
     if let Some(limit) = limit {
-        customer = state
-            .fatura
-            .set_spend_limit(&id, limit)
-            .await
-            .map_err(service_error)?;
-        // Cached keys carry the limit: drop them so the change applies at once.
-        state.keys.forget(None, Some(&id));
+        customer = state.fatura.set_spend_limit(&id, limit).await?;
     }
     Ok(ApiJson(with_plan(&state, customer).await?))
 }
@@ -466,7 +440,7 @@ pub async fn get_customer(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<ApiJson<CustomerOut>, ApiError> {
-    let c = state.fatura.customer(&id).await.map_err(service_error)?;
+    let c = state.fatura.customer(&id).await?;
     Ok(ApiJson(with_plan(&state, c).await?))
 }
 
@@ -480,11 +454,7 @@ pub async fn create_key(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, ApiJson<CreatedApiKey>), ApiError> {
-    let k = state
-        .fatura
-        .create_api_key(&id, Utc::now())
-        .await
-        .map_err(service_error)?;
+    let k = state.fatura.create_api_key(&id, Utc::now()).await?;
     Ok((
         StatusCode::CREATED,
         ApiJson(CreatedApiKey {
@@ -507,13 +477,7 @@ pub async fn list_keys(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<ApiJson<ApiKeyList>, ApiError> {
-    state.fatura.customer(&id).await.map_err(service_error)?;
-    let keys = state
-        .fatura
-        .store()
-        .list_api_keys(&id)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let keys = state.fatura.api_keys(&id).await?;
     Ok(ApiJson(ApiKeyList {
         data: keys.into_iter().map(Into::into).collect(),
     }))
@@ -529,12 +493,6 @@ pub async fn revoke_key(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state
-        .fatura
-        .revoke_api_key(&id, Utc::now())
-        .await
-        .map_err(service_error)?;
-    // The revoked key stops working on this instance at once.
-    state.keys.forget(Some(&id), None);
+    state.fatura.revoke_api_key(&id, Utc::now()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

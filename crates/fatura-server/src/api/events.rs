@@ -17,7 +17,6 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::auth::Admin;
 use crate::error::{ApiError, ApiJson, ErrorBody, ErrorDetail};
-use crate::service::ServiceError;
 
 /// Most events in one request.
 pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
@@ -331,11 +330,7 @@ pub async fn post_events(
             }
         }
     }
-    let unknown = state
-        .fatura
-        .unknown_customers(&events)
-        .await
-        .map_err(service_error)?;
+    let unknown = state.fatura.unknown_customers(&events).await?;
     for index in unknown {
         if let Some((_, e)) = events.iter().find(|(i, _)| *i == index) {
             details.push(detail(
@@ -367,7 +362,7 @@ pub async fn post_events(
         .await
         .map_err(|e| {
             state.metrics.events_rejected.inc_by(total);
-            service_error(e)
+            ApiError::from(e)
         })?;
     state.metrics.events_accepted.inc_by(outcome.accepted);
     state.metrics.events_duplicate.inc_by(outcome.duplicates);
@@ -377,39 +372,4 @@ pub async fn post_events(
         duplicates: outcome.duplicates,
         unpriced: outcome.unpriced,
     }))
-}
-
-/// Maps business errors to API errors.
-pub fn service_error(e: ServiceError) -> ApiError {
-    match e {
-        ServiceError::Invalid(m) => ApiError::unprocessable("invalid_request", m, Vec::new()),
-        ServiceError::InvalidEvents(list) => {
-            let n = list.len();
-            ApiError::unprocessable(
-                "invalid_events",
-                format!("{n} events are invalid; nothing was recorded"),
-                list.into_iter()
-                    .map(|(index, id, field, message)| ErrorDetail {
-                        index: Some(index),
-                        id,
-                        field,
-                        message,
-                    })
-                    .collect(),
-            )
-        }
-        ServiceError::NotFound(m) => ApiError::not_found(m),
-        ServiceError::EventConflict(id) => ApiError::conflict(
-            "event_id_conflict",
-            format!(
-                "event id {id:?} was already recorded with different content; nothing was recorded"
-            ),
-        ),
-        ServiceError::Conflict(m) => ApiError::conflict("conflict", m),
-        ServiceError::Internal(e) if fatura_store::is_unreachable(&e) => {
-            tracing::warn!(error = %format!("{e:#}"), "database unreachable");
-            ApiError::unavailable("the database is unavailable; nothing was changed; retry shortly")
-        }
-        ServiceError::Internal(e) => ApiError::internal(&format!("{e:#}")),
-    }
 }

@@ -10,7 +10,6 @@ use fatura_store::{ExportRow, UsageFilter};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::events::service_error;
 use super::usage::parse_usage_query;
 use crate::AppState;
 use crate::auth::Caller;
@@ -90,12 +89,9 @@ pub async fn usage_csv(
         header_line.push_str(",cost,upstream");
     }
     header_line.push_str(",tags\r\n");
-    let store = state.fatura.store().clone();
+    let store = state.fatura.clone();
     // The first page is read before answering, so that a database error is a clean 500.
-    let first = store
-        .usage_page(&filter, None, PAGE)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let first = store.usage_page(&filter, None, PAGE).await?;
     let first_chunk = {
         let mut s = header_line;
         for r in &first {
@@ -177,8 +173,7 @@ pub async fn invoices_csv(
     let list = state
         .fatura
         .invoices(customer.as_deref(), q.status.as_deref())
-        .await
-        .map_err(service_error)?;
+        .await?;
     let mut out = String::from(
         "id,number,kind,status,customer_id,period_start,period_end,currency,subtotal,tax,total,\
          prepaid_applied,amount_due,finalized_at,due_at,paid_at,events\r\n",

@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 use utoipa::{IntoParams, ToSchema};
 
-use super::events::service_error;
 use super::prices::instant;
 use crate::AppState;
 use crate::auth::{Admin, Caller};
@@ -79,7 +78,7 @@ pub struct InvoiceOut {
 }
 
 fn invoice_out(inv: InvoiceRecord, operator: bool) -> Result<InvoiceOut, ApiError> {
-    let doc = document_of(&inv).map_err(service_error)?;
+    let doc = document_of(&inv)?;
     let mut document = serde_json::to_value(&doc).map_err(|e| ApiError::internal(&e))?;
     if !operator {
         strip_operator_fields(&mut document);
@@ -161,8 +160,7 @@ pub async fn list_invoices(
     let list = state
         .fatura
         .invoices(customer.as_deref(), q.status.as_deref())
-        .await
-        .map_err(service_error)?;
+        .await?;
     let operator = matches!(caller, Caller::Admin);
     let mut data = Vec::with_capacity(list.len());
     for inv in list {
@@ -192,13 +190,13 @@ pub async fn get_invoice(
         Some((id, "csv")) => (id.to_string(), "csv"),
         _ => (id, "json"),
     };
-    let inv = state.fatura.invoice(&id).await.map_err(service_error)?;
+    let inv = state.fatura.invoice(&id).await?;
     caller.scope_customer(Some(inv.customer_id.clone()))?;
     let operator = matches!(caller, Caller::Admin);
     if !operator && inv.status == "draft" {
         return Err(ApiError::not_found(format!("no invoice {id:?}")));
     }
-    let doc: InvoiceDocument = document_of(&inv).map_err(service_error)?;
+    let doc: InvoiceDocument = document_of(&inv)?;
     Ok(match format {
         "html" => (
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -234,22 +232,8 @@ pub async fn finalize_invoice(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<ApiJson<InvoiceOut>, ApiError> {
-    let inv = state
-        .fatura
-        .finalize_invoice(&id, Utc::now())
-        .await
-        .map_err(service_error)?;
-    credit_rebate(&state, &inv).await;
+    let inv = state.fatura.finalize_invoice(&id, Utc::now()).await?;
     Ok(ApiJson(invoice_out(inv, true)?))
-}
-
-async fn credit_rebate(state: &AppState, inv: &InvoiceRecord) {
-    if inv.prepaid_excess > Decimal::ZERO {
-        state
-            .wallets
-            .credited(&inv.customer_id, inv.prepaid_excess)
-            .await;
-    }
 }
 
 /// Voids a draft or an unpaid invoice. Its usage is billed again by the cycle's next run
@@ -264,11 +248,7 @@ pub async fn void_invoice(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<ApiJson<InvoiceOut>, ApiError> {
-    let inv = state
-        .fatura
-        .void_invoice(&id, Utc::now())
-        .await
-        .map_err(service_error)?;
+    let inv = state.fatura.void_invoice(&id, Utc::now()).await?;
     Ok(ApiJson(invoice_out(inv, true)?))
 }
 
@@ -306,13 +286,10 @@ pub async fn create_credit_note(
     let note = state
         .fatura
         .credit_note(&id, amount, &body.reason, Utc::now())
-        .await
-        .map_err(service_error)?;
+        .await?;
     // Money already collected goes back.
     if let Some(c) = &state.payments {
-        c.refund_credit_note(&note, Utc::now())
-            .await
-            .map_err(service_error)?;
+        c.refund_credit_note(&note, Utc::now()).await?;
     }
     Ok((StatusCode::CREATED, ApiJson(invoice_out(note, true)?)))
 }
@@ -350,113 +327,17 @@ pub async fn run_billing(
 ) -> Result<ApiJson<RunOut>, ApiError> {
     let Query(q) = query?;
     let at = instant("at", q.at.as_deref())?.unwrap_or_else(Utc::now);
-    let report = state
-        .fatura
-        .run_billing(at, state.billing)
-        .await
-        .map_err(service_error)?;
-    for inv in &report.finalized {
-        credit_rebate(&state, inv).await;
-    }
-    if let Some(c) = &state.payments {
-        c.collect_due(at).await.map_err(service_error)?;
-    }
-    let mut finalized = Vec::new();
-    for inv in report.finalized {
-        // As it stands after collection (a zero invoice is paid at once).
-        let inv = state.fatura.invoice(&inv.id).await.map_err(service_error)?;
-        finalized.push(invoice_out(inv, true)?);
-    }
+    let report = state.scheduler().run_billing(at).await?;
+    let finalized = report
+        .finalized
+        .into_iter()
+        .map(|inv| invoice_out(inv, true))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(ApiJson(RunOut {
         drafted: report.drafted,
         refreshed: report.refreshed,
         finalized,
     }))
-}
-
-/// The lease that makes one instance of a fleet run the background work.
-pub const SCHEDULER_LEASE: &str = "scheduler";
-
-/// How long a scheduler lease lasts without renewal: three periods, at least 30 s.
-pub fn scheduler_lease(every: std::time::Duration) -> std::time::Duration {
-    (every * 3).max(std::time::Duration::from_secs(30))
-}
-
-/// One run of the background work — billing (drafts, finalisation), the pruning of minute
-/// rollups past their retention, and collection — if this instance holds (or can take) the
-/// scheduler lease; instances sharing a database take turns only when the holder stops
-/// renewing (it stopped or died: its lease runs out). Every job is idempotent and works from
-/// the database's state, so a run cut short is finished by the next holder. Returns whether
-/// this instance ran it.
-pub async fn scheduler_tick(
-    state: &AppState,
-    now: chrono::DateTime<Utc>,
-    lease: std::time::Duration,
-) -> bool {
-    let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
-    match state
-        .fatura
-        .store()
-        .acquire_lease(SCHEDULER_LEASE, &state.instance_id, now, until)
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => return false,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot take the scheduler lease; retrying at the next tick");
-            return false;
-        }
-    }
-    match state.fatura.run_billing(now, state.billing).await {
-        Ok(report) => {
-            for inv in &report.finalized {
-                credit_rebate(state, inv).await;
-                tracing::info!(invoice = %inv.id, number = ?inv.number, total = %inv.total, "invoice finalised");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "billing run failed; retrying at the next tick"),
-    }
-    if let Err(e) = state.fatura.prune_minute_rollups(now).await {
-        tracing::warn!(error = %e, "pruning minute rollups failed; retrying at the next tick");
-    }
-    // Rate-limit windows of past minutes (fleet mode) are no longer read.
-    let two_minutes_ago = (now - chrono::Duration::minutes(2)).timestamp_micros();
-    if let Err(e) = state
-        .fatura
-        .store()
-        .prune_rate_windows(two_minutes_ago)
-        .await
-    {
-        tracing::warn!(error = %e, "pruning rate-limit windows failed; retrying at the next tick");
-    }
-    if let Some(c) = &state.payments
-        && let Err(e) = c.collect_due(now).await
-    {
-        tracing::warn!(error = %e, "collection failed; retrying at the next tick");
-    }
-    true
-}
-
-/// Runs [`scheduler_tick`] every `every` until the process stops (inside `fatura serve`).
-pub async fn scheduler(state: AppState, every: std::time::Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        scheduler_tick(&state, Utc::now(), scheduler_lease(every)).await;
-    }
-}
-
-/// Gives the scheduler lease up (on a clean stop), so that another instance takes over at
-/// its next tick rather than when the lease runs out.
-pub async fn release_scheduler_lease(fatura: &crate::service::Fatura, instance_id: &str) {
-    if let Err(e) = fatura
-        .store()
-        .release_lease(SCHEDULER_LEASE, instance_id)
-        .await
-    {
-        tracing::warn!(error = %e, "cannot release the scheduler lease");
-    }
 }
 
 fn collector(state: &AppState) -> Result<&std::sync::Arc<crate::payments::Collector>, ApiError> {
@@ -493,10 +374,7 @@ pub async fn stripe_webhook(
         .processor()
         .verify_webhook(signature, &body, now)
         .map_err(|m| ApiError::bad_request("invalid_signature", m))?;
-    let result = collector
-        .handle_webhook(&event, now)
-        .await
-        .map_err(service_error)?;
+    let result = collector.handle_webhook(&event, now).await?;
     Ok(ApiJson(WebhookOut {
         result: result.to_string(),
     }))
@@ -526,8 +404,7 @@ pub async fn save_payment_method(
 ) -> Result<ApiJson<crate::api::customers::CustomerOut>, ApiError> {
     let c = collector(&state)?
         .save_payment_method(&id, body.payment_method.trim())
-        .await
-        .map_err(service_error)?;
+        .await?;
     Ok(ApiJson(c.into()))
 }
 
@@ -576,10 +453,7 @@ pub async fn top_up(
             Vec::new(),
         )
     })?;
-    let p = collector(&state)?
-        .top_up(&id, amount, Utc::now())
-        .await
-        .map_err(service_error)?;
+    let p = collector(&state)?.top_up(&id, amount, Utc::now()).await?;
     Ok((
         StatusCode::ACCEPTED,
         ApiJson(PaymentOut {

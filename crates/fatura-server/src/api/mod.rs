@@ -43,11 +43,10 @@ pub async fn healthz() -> Json<Health> {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    let store = state.fatura.store();
-    match store.ping().await {
-        Ok(()) => Ok(Json(Health {
+    match state.fatura.ping().await {
+        Ok(backend) => Ok(Json(Health {
             status: "ok",
-            database: Some(store.backend()),
+            database: Some(backend),
         })),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");

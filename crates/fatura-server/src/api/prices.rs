@@ -9,7 +9,6 @@ use fatura_core::import::CatalogFormat;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::events::service_error;
 use crate::AppState;
 use crate::auth::{Admin, Caller};
 use crate::error::{ApiError, ApiJson, ErrorBody};
@@ -173,8 +172,7 @@ pub async fn import_prices(
     let r = state
         .fatura
         .import_prices(format, &body, q.provider.as_deref(), effective_from, now)
-        .await
-        .map_err(service_error)?;
+        .await?;
     Ok(ApiJson(ImportResponse {
         effective_from: r.effective_from,
         models: r.models,
@@ -207,8 +205,7 @@ pub async fn list_prices(
     let versions = state
         .fatura
         .prices(q.provider.as_deref(), q.model.as_deref(), at)
-        .await
-        .map_err(service_error)?;
+        .await?;
     Ok(ApiJson(PriceList {
         data: versions.into_iter().map(Into::into).collect(),
     }))

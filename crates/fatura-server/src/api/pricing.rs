@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 use utoipa::{IntoParams, ToSchema};
 
-use super::events::service_error;
 use super::prices::{PriceOut, instant};
 use crate::AppState;
 use crate::auth::{Admin, Caller};
@@ -402,8 +401,7 @@ pub async fn create_plan_with(
             },
             now,
         )
-        .await
-        .map_err(service_error)?;
+        .await?;
     Ok(plan_out(view))
 }
 
@@ -415,11 +413,7 @@ pub async fn list_plans(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<ApiJson<PlanList>, ApiError> {
-    let plans = state
-        .fatura
-        .plans(Utc::now())
-        .await
-        .map_err(service_error)?;
+    let plans = state.fatura.plans(Utc::now()).await?;
     Ok(ApiJson(PlanList {
         data: plans.into_iter().map(plan_out).collect(),
     }))
@@ -435,11 +429,7 @@ pub async fn get_plan(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<ApiJson<PlanOut>, ApiError> {
-    let view = state
-        .fatura
-        .plan(&id, Utc::now())
-        .await
-        .map_err(service_error)?;
+    let view = state.fatura.plan(&id, Utc::now()).await?;
     Ok(ApiJson(plan_out(view)))
 }
 
@@ -472,7 +462,7 @@ pub async fn update_plan_with(
     if body.id.is_some() {
         return Err(invalid("id: a plan's id cannot change"));
     }
-    let view = fatura.plan(id, now).await.map_err(service_error)?;
+    let view = fatura.plan(id, now).await?;
     let latest = view
         .versions
         .iter()
@@ -491,8 +481,7 @@ pub async fn update_plan_with(
             },
             now,
         )
-        .await
-        .map_err(service_error)?;
+        .await?;
     Ok(plan_out(view))
 }
 
@@ -557,8 +546,7 @@ pub async fn post_fx_rate(
     let r = state
         .fatura
         .put_fx_rate(currency, date, rate, Utc::now())
-        .await
-        .map_err(service_error)?;
+        .await?;
     Ok((StatusCode::CREATED, ApiJson(fx_out(r))))
 }
 
@@ -583,11 +571,7 @@ pub async fn list_fx_rates(
 ) -> Result<ApiJson<FxRateList>, ApiError> {
     let Query(q) = query?;
     let currency = q.currency.as_deref().map(parse_currency).transpose()?;
-    let rates = state
-        .fatura
-        .fx_rates(currency)
-        .await
-        .map_err(service_error)?;
+    let rates = state.fatura.fx_rates(currency).await?;
     Ok(ApiJson(FxRateList {
         data: rates.into_iter().map(fx_out).collect(),
     }))
@@ -640,7 +624,7 @@ pub async fn list_alerts(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<ApiJson<AlertList>, ApiError> {
-    let alerts = state.fatura.alerts().await.map_err(service_error)?;
+    let alerts = state.fatura.alerts().await?;
     Ok(ApiJson(AlertList {
         data: alerts
             .into_iter()
@@ -893,11 +877,7 @@ pub async fn get_upcoming(
     let Query(q) = query?;
     caller.scope_customer(Some(id.clone()))?;
     let at = instant("at", q.at.as_deref())?.unwrap_or_else(Utc::now);
-    let u = state
-        .fatura
-        .upcoming(&id, at)
-        .await
-        .map_err(service_error)?;
+    let u = state.fatura.upcoming(&id, at).await?;
     Ok(ApiJson(upcoming_out(u, matches!(caller, Caller::Admin))))
 }
 
@@ -1038,8 +1018,7 @@ pub async fn get_price_changes(
     } = state
         .fatura
         .price_changes(since.unwrap_or(DateTime::<Utc>::MIN_UTC), Utc::now())
-        .await
-        .map_err(service_error)?;
+        .await?;
     Ok(ApiJson(PriceChangesOut {
         since,
         changes: changes

@@ -9,7 +9,6 @@ use fatura_store::UsageFilter;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::events::service_error;
 use super::prices::instant;
 use crate::AppState;
 use crate::auth::{Admin, Caller};
@@ -179,11 +178,7 @@ pub async fn get_usage(
         group_names: names,
     } = parse_usage_query(pairs)?;
     filter.customer_id = caller.scope_customer(customer)?;
-    let rows = state
-        .fatura
-        .usage(&filter, group_by)
-        .await
-        .map_err(service_error)?;
+    let rows = state.fatura.usage(&filter, group_by).await?;
     let data = rows
         .into_iter()
         .map(|(k, t)| UsageRowOut {
@@ -263,11 +258,7 @@ pub async fn get_unpriced(
     query: Result<Query<UnpricedQuery>, QueryRejection>,
 ) -> Result<ApiJson<UnpricedList>, ApiError> {
     let Query(q) = query?;
-    let models = state
-        .fatura
-        .unpriced(q.customer_id.as_deref())
-        .await
-        .map_err(service_error)?;
+    let models = state.fatura.unpriced(q.customer_id.as_deref()).await?;
     Ok(ApiJson(UnpricedList {
         data: models
             .into_iter()

@@ -6,25 +6,18 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use fatura_core::{Currency, Money};
+use fatura_core::Currency;
 use fatura_store::WalletTransaction;
-use rand::RngCore;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::events::service_error;
 use crate::AppState;
 use crate::auth::{Admin, Caller};
 use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::service::{CreditKind, CreditRequest, ServiceError};
 
-/// Movements per page of `GET /v1/customers/{id}/wallet` unless `limit` says otherwise.
-pub const DEFAULT_PAGE: u32 = 1_000;
-/// Largest `limit`.
-pub const MAX_PAGE: u32 = 10_000;
-
-/// Largest single credit.
-const MAX_CREDIT: i64 = 1_000_000_000;
+pub use crate::service::wallets::{DEFAULT_PAGE, MAX_PAGE};
 
 /// A credit to add.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -107,12 +100,6 @@ pub struct WalletQuery {
     pub after: Option<String>,
 }
 
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    rand::rng().fill_bytes(&mut b);
-    hex::encode(b)
-}
-
 /// Adds prepaid credit to a customer's wallet.
 #[utoipa::path(post, path = "/v1/customers/{id}/wallet/credits", tag = "wallets", request_body = CreditIn,
     params(("id" = String, Path, description = "Customer id")),
@@ -125,74 +112,36 @@ pub async fn add_credit(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<CreditIn>,
 ) -> Result<(StatusCode, ApiJson<WalletTransactionOut>), ApiError> {
-    let customer = state.fatura.customer(&id).await.map_err(service_error)?;
     let invalid = |field: &str, message: String| {
-        ApiError::unprocessable(
-            "invalid_credit",
-            format!("{field}: {message}"),
-            vec![crate::error::ErrorDetail {
-                index: None,
-                id: None,
-                field: field.into(),
-                message,
-            }],
-        )
+        ApiError::from(ServiceError::InvalidField {
+            code: "invalid_credit",
+            field: field.into(),
+            message,
+        })
     };
     let currency =
         Currency::from_str(&req.currency).map_err(|e| invalid("currency", e.to_string()))?;
-    if currency != customer.currency {
-        return Err(invalid(
-            "currency",
-            format!(
-                "the wallet of {id:?} is in {}, not {currency}",
-                customer.currency
-            ),
-        ));
-    }
     let amount = Decimal::from_str(req.amount.trim()).map_err(|_| {
         invalid(
             "amount",
             "must be a decimal string such as \"100.00\"".into(),
         )
     })?;
-    if amount <= Decimal::ZERO || amount > Decimal::from(MAX_CREDIT) {
-        return Err(invalid(
-            "amount",
-            format!("must be positive and at most {MAX_CREDIT}"),
-        ));
-    }
-    if Money::new(amount, currency).round_to_minor().amount() != amount {
-        return Err(invalid(
-            "amount",
-            format!(
-                "{currency} amounts have at most {} decimal places",
-                currency.minor_units()
-            ),
-        ));
-    }
-    if !matches!(req.kind.as_str(), "purchased" | "granted") {
-        return Err(invalid("kind", "must be purchased or granted".into()));
-    }
-    let now = Utc::now();
+    let kind = CreditKind::from_str(&req.kind)?;
     let expires_at = crate::api::prices::instant("expires_at", req.expires_at.as_deref())?;
-    if expires_at.is_some_and(|e| e <= now) {
-        return Err(invalid("expires_at", "must be in the future".into()));
-    }
-    let tx = WalletTransaction {
-        id: format!("wtx_{}", random_hex(10)),
-        customer_id: id.clone(),
-        kind: req.kind,
-        amount: amount.normalize(),
-        currency,
-        event_id: None,
-        expires_at,
-        created_at: now,
-    };
-    state
-        .wallets
-        .add_credit(&tx)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let tx = state
+        .fatura
+        .add_wallet_credit(
+            &id,
+            CreditRequest {
+                amount,
+                currency,
+                kind,
+                expires_at,
+            },
+            Utc::now(),
+        )
+        .await?;
     Ok((StatusCode::CREATED, ApiJson(tx.into())))
 }
 
@@ -211,38 +160,11 @@ pub async fn get_wallet(
 ) -> Result<ApiJson<WalletOut>, ApiError> {
     caller.scope_customer(Some(id.clone()))?;
     let Query(q) = query?;
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit: from 1 to {MAX_PAGE}"),
-        ));
-    }
-    let customer = state.fatura.customer(&id).await.map_err(service_error)?;
-    let view = state
-        .wallets
-        .view(&id)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
-    // One more than asked for tells whether another page follows.
-    let mut txs = state
+    let page = state
         .fatura
-        .store()
-        .wallet_transactions_page(&id, q.after.as_deref(), limit + 1)
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("after: {id:?}'s wallet has no movement with this id"),
-            )
-        })?;
-    let next_after = if txs.len() > limit as usize {
-        txs.truncate(limit as usize);
-        txs.last().map(|t| t.id.clone())
-    } else {
-        None
-    };
+        .wallet(&id, q.after.as_deref(), q.limit.unwrap_or(DEFAULT_PAGE))
+        .await?;
+    let (customer, view) = (page.customer, page.view);
     Ok(ApiJson(WalletOut {
         customer_id: id,
         billing_mode: if customer.prepaid {
@@ -255,7 +177,7 @@ pub async fn get_wallet(
         balance: view.balance.to_string(),
         reserved: view.reserved.to_string(),
         available: view.available().normalize().to_string(),
-        transactions: txs.into_iter().map(Into::into).collect(),
-        next_after,
+        transactions: page.transactions.into_iter().map(Into::into).collect(),
+        next_after: page.next_after,
     }))
 }

@@ -164,8 +164,8 @@ impl Meter {
         fatura: Arc<Fatura>,
         config: &GatewayConfig,
         metrics: Arc<Metrics>,
-        wallets: Arc<WalletBook>,
     ) -> (Meter, MeterWriter) {
+        let wallets = fatura.wallets().clone();
         wallets.start_renewals();
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let depth = Arc::new(AtomicI64::new(0));

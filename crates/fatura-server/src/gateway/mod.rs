@@ -80,7 +80,7 @@ impl Gateway {
     /// would); if that database cannot be reached, this instance counts alone meanwhile.
     pub async fn admit(
         &self,
-        store: &dyn fatura_store::Store,
+        fatura: &crate::service::Fatura,
         key: &str,
         tokens: u64,
         now_secs: i64,
@@ -89,19 +89,18 @@ impl Gateway {
             self.config.requests_per_minute,
             self.config.tokens_per_minute,
         );
-        if store.shared() {
-            let minute = now_secs.div_euclid(60);
-            match store
-                .count_rate(key, minute * 60_000_000, tokens, rpm, tpm)
-                .await
-            {
-                Ok(true) => return Ok(()),
-                Ok(false) => {
-                    return Err(u64::try_from(60 - now_secs.rem_euclid(60)).unwrap_or(60));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "shared rate limits unavailable: counting on this instance");
-                }
+        let minute = now_secs.div_euclid(60);
+        match fatura
+            .count_shared_rate(key, minute * 60_000_000, tokens, rpm, tpm)
+            .await
+        {
+            Ok(Some(true)) => return Ok(()),
+            Ok(Some(false)) => {
+                return Err(u64::try_from(60 - now_secs.rem_euclid(60)).unwrap_or(60));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "shared rate limits unavailable: counting on this instance");
             }
         }
         self.limits.admit(key, tokens, now_secs, rpm, tpm)

@@ -460,12 +460,7 @@ async fn proxy(
             _ => 0,
         };
         if let Err(retry) = gateway
-            .admit(
-                state.fatura.store().as_ref(),
-                &key_id,
-                tokens,
-                Utc::now().timestamp(),
-            )
+            .admit(&state.fatura, &key_id, tokens, Utc::now().timestamp())
             .await
         {
             outcome(&state.metrics, "none", "rate_limited");
@@ -787,17 +782,18 @@ async fn reserve(
         .into_response());
     };
     let reserved = match budget {
-        Budget::Wallet => state.wallets.reserve(customer_id, amount).await,
+        Budget::Wallet => state.fatura.wallets().reserve(customer_id, amount).await,
         Budget::MonthlyLimit(limit) => {
             state
-                .wallets
+                .fatura
+                .wallets()
                 .reserve_within_limit(customer_id, limit, amount, at)
                 .await
         }
     };
     match reserved {
         Ok(Ok(r)) => Ok(ReservationGuard {
-            book: state.wallets.clone(),
+            book: state.fatura.wallets().clone(),
             reservation: Some(r),
             charge_wallet: budget == Budget::Wallet,
         }),

@@ -515,6 +515,14 @@ impl Fatura {
                 .await
             {
                 Ok(Some(inv)) => {
+                    // The rebate was recorded in the invoice's transaction; this process's
+                    // wallet book counts it now (other processes pick it up from the
+                    // database: `Fatura::sync_external_writes`).
+                    if let Some(r) = &rebate {
+                        self.wallets()
+                            .credited(&r.customer_id, &r.id, r.amount)
+                            .await;
+                    }
                     // Nothing to collect (zero usage, or paid from the wallet): paid now.
                     let inv = if inv.amount_due.is_zero() {
                         self.store

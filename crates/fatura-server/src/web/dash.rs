@@ -390,9 +390,9 @@ pub async fn customers(State(state): State<AppState>, Admin(web): Admin) -> Resp
     let fmt = Fmt::new(&state, web.session.locale).await;
     let l = fmt.l;
     let now = Utc::now();
-    let list = match state.fatura.store().list_customers().await {
+    let list = match state.fatura.customers().await {
         Ok(c) => c,
-        Err(e) => return page_error(e.into()),
+        Err(e) => return page_error(e),
     };
     let usage = match state.fatura.cycle_usage(&list, now).await {
         Ok(u) => u,
@@ -401,7 +401,7 @@ pub async fn customers(State(state): State<AppState>, Admin(web): Admin) -> Resp
     let mut rows = Vec::new();
     for c in &list {
         let balance = if c.prepaid {
-            match state.wallets.view(&c.id).await {
+            match state.fatura.wallets().view(&c.id).await {
                 Ok(b) => fmt.money(b.balance, c.currency),
                 Err(e) => return page_error(e.into()),
             }
@@ -513,7 +513,7 @@ pub(super) async fn customer_body(
         }
     );
     if c.prepaid {
-        let b = state.wallets.view(&c.id).await?;
+        let b = state.fatura.wallets().view(&c.id).await?;
         body.push_str(&card(
             "balance",
             tr(l, "balance"),
@@ -691,7 +691,7 @@ pub(super) async fn customer_body(
         )
     ));
     if c.prepaid {
-        let tx = state.fatura.store().wallet_transactions(&c.id).await?;
+        let tx = state.fatura.wallet_movements(&c.id).await?;
         let rows: Vec<Vec<String>> = tx
             .iter()
             .rev()
@@ -720,7 +720,7 @@ pub(super) async fn customer_body(
         ));
     }
     if operator {
-        let keys = state.fatura.store().list_api_keys(&c.id).await?;
+        let keys = state.fatura.api_keys(&c.id).await?;
         let rows: Vec<Vec<String>> = keys
             .iter()
             .map(|k| {
@@ -989,14 +989,9 @@ pub async fn invoice(
         Ok(i) => i,
         Err(e) => return page_error(e),
     };
-    let payments = match state
-        .fatura
-        .store()
-        .list_payments(&inv.customer_id, Some(&inv.id))
-        .await
-    {
+    let payments = match state.fatura.payments(&inv.customer_id, Some(&inv.id)).await {
         Ok(p) => p,
-        Err(e) => return page_error(e.into()),
+        Err(e) => return page_error(e),
     };
     let mut body = String::from("<div class=\"cards\">");
     body.push_str(&card(

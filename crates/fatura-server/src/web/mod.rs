@@ -223,7 +223,7 @@ impl FromRequestParts<AppState> for Customer {
         else {
             return Err(WebRejection::SignIn("/portal/login"));
         };
-        match state.fatura.store().find_active_api_key(key_hash).await {
+        match state.fatura.verify_key(key_hash).await {
             Ok(Some(k)) if k.customer_id == *customer_id => {
                 let id = customer_id.clone();
                 Ok(Customer(w, id))
@@ -666,13 +666,7 @@ async fn portal_login(
     let found = if key.is_empty() {
         None
     } else {
-        state
-            .fatura
-            .store()
-            .find_active_api_key(&digest)
-            .await
-            .ok()
-            .flatten()
+        state.fatura.verify_key(&digest).await.ok().flatten()
     };
     let Some(k) = found else {
         let mut r = login_page(

@@ -120,12 +120,8 @@ impl TestApp {
             if !gw.spill_path.starts_with('/') {
                 gw.spill_path = dir.path().join(&gw.spill_path).display().to_string();
             }
-            let (meter, w) = fatura_server::gateway::Meter::start(
-                fatura.clone(),
-                &gw,
-                state.metrics.clone(),
-                state.wallets.clone(),
-            );
+            let (meter, w) =
+                fatura_server::gateway::Meter::start(fatura.clone(), &gw, state.metrics.clone());
             let gateway = fatura_server::gateway::Gateway::new(gw, meter, |var| {
                 std::env::var(var).ok().or_else(|| {
                     TEST_ENV
@@ -299,7 +295,7 @@ impl TestApp {
     }
 
     pub async fn event_count(&self) -> u64 {
-        self.fatura.store().count_events().await.unwrap()
+        self.fatura.count_events().await.unwrap()
     }
 
     /// Stops the server gracefully and waits for it (and for the metering queue to drain).
