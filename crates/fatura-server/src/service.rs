@@ -494,7 +494,9 @@ impl Fatura {
         let Some(version) = self.store.external_writes().await? else {
             return Ok(false);
         };
-        let changed = seen.is_some_and(|v| v != version);
+        // The first look counts as a change: what was loaded before it may already be
+        // behind (syncing is idempotent, by credit id).
+        let changed = *seen != Some(version);
         *seen = Some(version);
         if changed {
             self.keys.clear();

@@ -196,6 +196,16 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn external_writes(&self) -> StoreResult<Option<i64>> {
+        // Per connection: it changes when any other connection (another process: the
+        // CLI beside `fatura serve`) commits. The write pool's single connection is the
+        // only one this process commits through, so its own writes never change it.
+        let v: i64 = sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(&self.write)
+            .await?;
+        Ok(Some(v))
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
         Ok(())
