@@ -210,9 +210,29 @@ pub struct Fatura {
     wallets: Arc<crate::wallet::WalletBook>,
     /// Verified customer keys.
     keys: keys::KeyCache,
+    /// The time.
+    clock: Arc<dyn Clock>,
     /// The database's change counter as last seen (SQLite: `PRAGMA data_version`), to tell
     /// when another process wrote to it.
     external_writes: tokio::sync::Mutex<Option<i64>>,
+}
+
+/// Where the service reads the time. Handlers, the gateway and the scheduler take "now"
+/// from [`Fatura::now`], never from the system clock themselves, so that one clock governs
+/// a process (and a test or a simulation can set it).
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// The current instant.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
 }
 
 /// A newly recorded event as the live feed shows it.
@@ -355,6 +375,7 @@ impl Fatura {
             instance_id,
             wallets,
             keys: keys::KeyCache::default(),
+            clock: Arc::new(SystemClock),
             external_writes: tokio::sync::Mutex::new(None),
             store,
             margin,
@@ -438,6 +459,17 @@ impl Fatura {
     /// service's methods).
     pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Reads time from `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The current instant, by the service's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
     }
 
     /// This process's name among instances sharing a database.

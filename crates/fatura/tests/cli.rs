@@ -539,12 +539,15 @@ fn plans_and_rates_are_managed_from_the_cli() {
     let o = fatura(d, &["fx-rates", "list"]);
     assert_eq!(stdout(&o), "BRL\t2026-11-01\t5.4321");
     // Billing on demand: acme (created now, no usage) gets a zero invoice for each closed
-    // cycle, paid at once; a second run changes nothing.
-    let o = fatura(d, &["invoices", "run", "--at", "2027-01-01T02:00:00Z"]);
+    // cycle, paid at once; a second run changes nothing. The run is dated past the end of
+    // the current cycle (whatever today is) and its grace period.
+    let (_, end) = fatura_core::billing::CycleSpec::default().cycle_containing(chrono::Utc::now());
+    let at = (end + chrono::Duration::hours(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let o = fatura(d, &["invoices", "run", "--at", &at]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).ends_with("invoices finalised"), "{}", stdout(&o));
     let first = stdout(&o);
-    let o = fatura(d, &["invoices", "run", "--at", "2027-01-01T02:00:00Z"]);
+    let o = fatura(d, &["invoices", "run", "--at", &at]);
     assert_eq!(
         stdout(&o),
         "0 drafts created, 0 drafts refreshed, 0 invoices finalised",

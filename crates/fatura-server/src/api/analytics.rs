@@ -344,7 +344,10 @@ pub async fn post_outcomes(
             kind: o.kind,
         });
     }
-    let (accepted, duplicates) = state.fatura.record_outcomes(inputs, Utc::now()).await?;
+    let (accepted, duplicates) = state
+        .fatura
+        .record_outcomes(inputs, state.fatura.now())
+        .await?;
     Ok(ApiJson(OutcomesOut {
         accepted,
         duplicates,

@@ -180,7 +180,10 @@ pub struct UpdateCustomer {
 
 /// Fills in the plan in force now.
 async fn with_plan(state: &AppState, c: Customer) -> Result<CustomerOut, ApiError> {
-    let (plan_id, _) = state.fatura.customer_plan(&c.id, Utc::now()).await?;
+    let (plan_id, _) = state
+        .fatura
+        .customer_plan(&c.id, state.fatura.now())
+        .await?;
     let mut out = CustomerOut::from(c);
     out.plan_id = plan_id;
     Ok(out)
@@ -306,7 +309,7 @@ pub async fn create_customer(
                     req.locale.as_ref(),
                 )?,
             },
-            Utc::now(),
+            state.fatura.now(),
         )
         .await?;
     Ok((StatusCode::CREATED, ApiJson(customer.into())))
@@ -380,7 +383,7 @@ pub async fn update_customer(
         ));
     }
     if let Some(plan_id) = &req.plan_id {
-        let now = Utc::now();
+        let now = state.fatura.now();
         state
             .fatura
             .assign_plan(&id, plan_id.as_deref(), effective_from.unwrap_or(now), now)
@@ -454,7 +457,7 @@ pub async fn create_key(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, ApiJson<CreatedApiKey>), ApiError> {
-    let k = state.fatura.create_api_key(&id, Utc::now()).await?;
+    let k = state.fatura.create_api_key(&id, state.fatura.now()).await?;
     Ok((
         StatusCode::CREATED,
         ApiJson(CreatedApiKey {
@@ -493,6 +496,6 @@ pub async fn revoke_key(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.fatura.revoke_api_key(&id, Utc::now()).await?;
+    state.fatura.revoke_api_key(&id, state.fatura.now()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

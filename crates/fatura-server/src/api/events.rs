@@ -358,7 +358,7 @@ pub async fn post_events(
     }
     let outcome = state
         .fatura
-        .record_events(events, Utc::now())
+        .record_events(events, state.fatura.now())
         .await
         .map_err(|e| {
             state.metrics.events_rejected.inc_by(total);

@@ -232,7 +232,10 @@ pub async fn finalize_invoice(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<ApiJson<InvoiceOut>, ApiError> {
-    let inv = state.fatura.finalize_invoice(&id, Utc::now()).await?;
+    let inv = state
+        .fatura
+        .finalize_invoice(&id, state.fatura.now())
+        .await?;
     Ok(ApiJson(invoice_out(inv, true)?))
 }
 
@@ -248,7 +251,7 @@ pub async fn void_invoice(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<ApiJson<InvoiceOut>, ApiError> {
-    let inv = state.fatura.void_invoice(&id, Utc::now()).await?;
+    let inv = state.fatura.void_invoice(&id, state.fatura.now()).await?;
     Ok(ApiJson(invoice_out(inv, true)?))
 }
 
@@ -285,11 +288,11 @@ pub async fn create_credit_note(
     })?;
     let note = state
         .fatura
-        .credit_note(&id, amount, &body.reason, Utc::now())
+        .credit_note(&id, amount, &body.reason, state.fatura.now())
         .await?;
     // Money already collected goes back.
     if let Some(c) = &state.payments {
-        c.refund_credit_note(&note, Utc::now()).await?;
+        c.refund_credit_note(&note, state.fatura.now()).await?;
     }
     Ok((StatusCode::CREATED, ApiJson(invoice_out(note, true)?)))
 }
@@ -366,7 +369,7 @@ pub async fn stripe_webhook(
     body: axum::body::Bytes,
 ) -> Result<ApiJson<WebhookOut>, ApiError> {
     let collector = collector(&state)?;
-    let now = Utc::now();
+    let now = state.fatura.now();
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
@@ -453,7 +456,9 @@ pub async fn top_up(
             Vec::new(),
         )
     })?;
-    let p = collector(&state)?.top_up(&id, amount, Utc::now()).await?;
+    let p = collector(&state)?
+        .top_up(&id, amount, state.fatura.now())
+        .await?;
     Ok((
         StatusCode::ACCEPTED,
         ApiJson(PaymentOut {

@@ -167,7 +167,7 @@ pub async fn import_prices(
         .format
         .parse()
         .map_err(|e: String| ApiError::bad_request("invalid_query", e))?;
-    let now = Utc::now();
+    let now = state.fatura.now();
     let effective_from = instant("effective_from", q.effective_from.as_deref())?.unwrap_or(now);
     let r = state
         .fatura

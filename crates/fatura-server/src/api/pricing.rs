@@ -365,7 +365,7 @@ pub async fn create_plan(
     _admin: Admin,
     ApiJson(body): ApiJson<PlanBody>,
 ) -> Result<(StatusCode, ApiJson<PlanOut>), ApiError> {
-    let out = create_plan_with(&state.fatura, body, Utc::now()).await?;
+    let out = create_plan_with(&state.fatura, body, state.fatura.now()).await?;
     Ok((StatusCode::CREATED, ApiJson(out)))
 }
 
@@ -413,7 +413,7 @@ pub async fn list_plans(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<ApiJson<PlanList>, ApiError> {
-    let plans = state.fatura.plans(Utc::now()).await?;
+    let plans = state.fatura.plans(state.fatura.now()).await?;
     Ok(ApiJson(PlanList {
         data: plans.into_iter().map(plan_out).collect(),
     }))
@@ -429,7 +429,7 @@ pub async fn get_plan(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<ApiJson<PlanOut>, ApiError> {
-    let view = state.fatura.plan(&id, Utc::now()).await?;
+    let view = state.fatura.plan(&id, state.fatura.now()).await?;
     Ok(ApiJson(plan_out(view)))
 }
 
@@ -448,7 +448,7 @@ pub async fn update_plan(
     ApiJson(body): ApiJson<PlanBody>,
 ) -> Result<ApiJson<PlanOut>, ApiError> {
     Ok(ApiJson(
-        update_plan_with(&state.fatura, &id, body, Utc::now()).await?,
+        update_plan_with(&state.fatura, &id, body, state.fatura.now()).await?,
     ))
 }
 
@@ -545,7 +545,7 @@ pub async fn post_fx_rate(
     let rate = decimal("rate", &body.rate)?;
     let r = state
         .fatura
-        .put_fx_rate(currency, date, rate, Utc::now())
+        .put_fx_rate(currency, date, rate, state.fatura.now())
         .await?;
     Ok((StatusCode::CREATED, ApiJson(fx_out(r))))
 }
@@ -1017,7 +1017,10 @@ pub async fn get_price_changes(
         skipped_plans,
     } = state
         .fatura
-        .price_changes(since.unwrap_or(DateTime::<Utc>::MIN_UTC), Utc::now())
+        .price_changes(
+            since.unwrap_or(DateTime::<Utc>::MIN_UTC),
+            state.fatura.now(),
+        )
         .await?;
     Ok(ApiJson(PriceChangesOut {
         since,

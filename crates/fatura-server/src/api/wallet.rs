@@ -139,7 +139,7 @@ pub async fn add_credit(
                 kind,
                 expires_at,
             },
-            Utc::now(),
+            state.fatura.now(),
         )
         .await?;
     Ok((StatusCode::CREATED, ApiJson(tx.into())))

@@ -327,7 +327,7 @@ impl Writer {
             }
         }
         let indexed: Vec<(usize, UsageEvent)> = events.iter().cloned().enumerate().collect();
-        let result = self.fatura.record_events(indexed, Utc::now()).await;
+        let result = self.fatura.record_events(indexed, self.fatura.now()).await;
         let committed = result.is_ok();
         let durable = match result {
             Ok(out) => {
@@ -432,7 +432,7 @@ impl Writer {
         }
         for chunk in events.chunks(self.max_batch) {
             let indexed: Vec<(usize, UsageEvent)> = chunk.iter().cloned().enumerate().collect();
-            match self.fatura.record_events(indexed, Utc::now()).await {
+            match self.fatura.record_events(indexed, self.fatura.now()).await {
                 Ok(out) => self.wallets.written(chunk, &out.inserted).await,
                 Err(ServiceError::Internal(e)) => {
                     tracing::debug!(error = %format!("{e:#}"), "spill replay deferred");
@@ -444,7 +444,7 @@ impl Writer {
                     for event in chunk {
                         match self
                             .fatura
-                            .record_events(vec![(0, event.clone())], Utc::now())
+                            .record_events(vec![(0, event.clone())], self.fatura.now())
                             .await
                         {
                             Ok(out) => {

@@ -460,7 +460,12 @@ async fn proxy(
             _ => 0,
         };
         if let Err(retry) = gateway
-            .admit(&state.fatura, &key_id, tokens, Utc::now().timestamp())
+            .admit(
+                &state.fatura,
+                &key_id,
+                tokens,
+                state.fatura.now().timestamp(),
+            )
             .await
         {
             outcome(&state.metrics, "none", "rate_limited");
@@ -493,7 +498,7 @@ async fn proxy(
         .into_iter()
         .cloned()
         .collect();
-    let timestamp = Utc::now();
+    let timestamp = state.fatura.now();
     let request_id = request_id_at(timestamp);
     let metrics = state.metrics.clone();
     let mut reservation = match (budget, tokens) {
@@ -1037,7 +1042,7 @@ pub async fn list_models(State(state): State<AppState>, caller: Caller) -> Respo
         )
         .into_response();
     };
-    let now = Utc::now();
+    let now = state.fatura.now();
     let versions = match state.fatura.prices(None, None, Some(now)).await {
         Ok(v) => v,
         Err(e) => return ApiError::internal(&e).into_response(),

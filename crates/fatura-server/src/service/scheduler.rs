@@ -105,7 +105,7 @@ impl Scheduler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.tick(Utc::now(), scheduler_lease(every)).await;
+            self.tick(self.fatura.now(), scheduler_lease(every)).await;
         }
     }
 

@@ -94,18 +94,19 @@ pub(super) async fn daily_series(
     Ok(days.into_iter().collect())
 }
 
-fn now_minute() -> chrono::DateTime<Utc> {
-    Grain::Minute.next(Utc::now())
+/// The end of the current minute: ranges "so far" read whole minutes.
+fn now_minute(now: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    Grain::Minute.next(now)
 }
 
 /// Overview: the month so far against its forecast and the margin target.
 pub async fn overview(State(state): State<AppState>, Admin(web): Admin) -> Response {
     let fmt = Fmt::new(&state, web.session.locale).await;
     let l = fmt.l;
-    let now = Utc::now();
+    let now = state.fatura.now();
     let month = Grain::Month.bucket(now);
     let (summary, forecast, alerts) = match tokio::try_join!(
-        state.fatura.summary(month, now_minute(), None),
+        state.fatura.summary(month, now_minute(now), None),
         state.fatura.fleet_forecast(now),
         state.fatura.alerts(),
     ) {
@@ -389,7 +390,7 @@ fn html_unescape(s: &str) -> String {
 pub async fn customers(State(state): State<AppState>, Admin(web): Admin) -> Response {
     let fmt = Fmt::new(&state, web.session.locale).await;
     let l = fmt.l;
-    let now = Utc::now();
+    let now = state.fatura.now();
     let list = match state.fatura.customers().await {
         Ok(c) => c,
         Err(e) => return page_error(e),
@@ -462,7 +463,7 @@ pub async fn customer(
     Path(id): Path<String>,
 ) -> Response {
     let fmt = Fmt::new(&state, web.session.locale).await;
-    let now = Utc::now();
+    let now = state.fatura.now();
     let c = match state.fatura.customer(&id).await {
         Ok(c) => c,
         Err(e) => return page_error(e),
@@ -795,7 +796,7 @@ pub(super) async fn customer_body(
 pub async fn models(State(state): State<AppState>, Admin(web): Admin) -> Response {
     let fmt = Fmt::new(&state, web.session.locale).await;
     let l = fmt.l;
-    let now = Utc::now();
+    let now = state.fatura.now();
     let month = Grain::Month.bucket(now);
     let by = Dims {
         provider: true,
@@ -803,8 +804,10 @@ pub async fn models(State(state): State<AppState>, Admin(web): Admin) -> Respons
         ..Dims::default()
     };
     let (rows, comparison) = match tokio::try_join!(
-        state.fatura.rollups_over(month, now_minute(), None, by),
-        state.fatura.provider_comparison(month, now_minute(), None),
+        state.fatura.rollups_over(month, now_minute(now), None, by),
+        state
+            .fatura
+            .provider_comparison(month, now_minute(now), None),
     ) {
         Ok(x) => x,
         Err(e) => return page_error(e),
@@ -1104,7 +1107,7 @@ pub async fn pricing(
 ) -> Response {
     let fmt = Fmt::new(&state, web.session.locale).await;
     let l = fmt.l;
-    let now = Utc::now();
+    let now = state.fatura.now();
     let (plans, prices, changes, alerts) = match tokio::try_join!(
         state.fatura.plans(now),
         state.fatura.prices(None, None, None),

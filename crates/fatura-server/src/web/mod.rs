@@ -392,7 +392,7 @@ impl Fmt {
         if l != Locale::PtBr {
             return usd;
         }
-        let today = Utc::now().date_naive();
+        let today = state.fatura.now().date_naive();
         match state.fatura.fx_rates(Some(Currency::Brl)).await {
             Ok(rates) => rates
                 .into_iter()

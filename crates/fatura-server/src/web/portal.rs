@@ -4,7 +4,6 @@
 
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
 
 use super::dash::{customer_body, document, page_error};
 use super::{Customer, Fmt, layout, tr};
@@ -17,7 +16,7 @@ pub async fn home(State(state): State<AppState>, Customer(web, id): Customer) ->
         Ok(c) => c,
         Err(e) => return page_error(e),
     };
-    let body = match customer_body(&state, &fmt, &c, Utc::now(), false).await {
+    let body = match customer_body(&state, &fmt, &c, state.fatura.now(), false).await {
         Ok(b) => b,
         Err(e) => return page_error(e),
     };
