@@ -12,11 +12,12 @@ pub mod error;
 pub mod gateway;
 pub mod metrics;
 pub mod mock;
-pub mod payments;
 pub mod render;
-pub mod service;
-pub mod wallet;
 pub mod web;
+
+/// The business layer (crate `fatura-service`), under the paths it had when it lived here.
+pub use fatura_service as service;
+pub use fatura_service::{payments, wallet};
 
 use std::future::Future;
 use std::sync::Arc;

@@ -21,7 +21,7 @@ use serde_json::Value;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::service::{Fatura, ServiceError, ServiceResult};
+use crate::{Fatura, ServiceError, ServiceResult};
 
 /// A processor failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -788,7 +788,7 @@ impl Collector {
             )));
         }
         let p = PaymentRecord {
-            id: format!("fatura-topup-{}", crate::service::new_id()),
+            id: format!("fatura-topup-{}", crate::new_id()),
             customer_id: c.id.clone(),
             invoice_id: None,
             kind: "top_up".into(),

@@ -1,3 +1,5 @@
+//! # fatura-service
+//!
 //! The business layer: what fatura does, independent of HTTP or the CLI. It creates ids
 //! and timestamps, validates, costs and rates, and hands the store finished records.
 
@@ -76,8 +78,10 @@ pub type ServiceResult<T> = Result<T, ServiceError>;
 pub mod analytics;
 mod billing;
 mod keys;
+pub mod payments;
 mod pricing;
 pub mod scheduler;
+pub mod wallet;
 pub mod wallets;
 
 pub use wallets::{CreditKind, CreditRequest, WalletPage};
