@@ -21,7 +21,7 @@
 //! [`crate::types::Dec`], event tags bind as [`crate::types::JsonText`].
 //!
 //! Architecture Invariant: no statement is written in both `sqlite.rs` and `postgres.rs`;
-//! a statement both databases run lives here (checked by `scripts/shared-sql`).
+//! a statement both databases run lives here (checked by `tests/one_sql_text.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;

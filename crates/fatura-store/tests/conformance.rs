@@ -1361,7 +1361,13 @@ async fn alerts_outcomes_payments_and_leases(store: &dyn Store) {
         tags: "{}".into(),
         created_at: t("2026-03-01T00:00:01Z"),
     };
-    assert_eq!(store.insert_outcomes(&[o.clone()]).await.unwrap(), (1, 0));
+    assert_eq!(
+        store
+            .insert_outcomes(std::slice::from_ref(&o))
+            .await
+            .unwrap(),
+        (1, 0)
+    );
     let o2 = fatura_store::OutcomeRecord {
         id: "out_2".into(),
         ..o.clone()
