@@ -4,6 +4,13 @@
 //! [`sqlite::SqliteStore`] (the embedded default) and [`postgres::PgStore`] (for fleets of
 //! instances) implement it, each with its own migrations.
 //!
+//! Every statement is written once, in `shared.rs`, which both database modules compile as
+//! their own (`sqlite::shared`, `postgres::shared`); `sqlite.rs` and `postgres.rs` keep only
+//! what differs (pools, migrations, locks, rollup arithmetic, fleet features).
+//!
+//! Architecture Invariant: one SQL text per statement — no statement is written in both
+//! `sqlite.rs` and `postgres.rs` (`tests/one_sql_text.rs`).
+//!
 //! Architecture Invariant: only this crate speaks SQL. All SQL uses bind parameters (or
 //! `QueryBuilder::push_bind`); nothing is built with `format!` from input.
 //!

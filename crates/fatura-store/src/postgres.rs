@@ -23,6 +23,7 @@ use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{QueryBuilder, Row};
 
+use self::shared::u;
 use crate::{
     HoldBasis, HoldGrant, HoldRequest, HoldRow, LiveStream, PreparedEvent, StoreError, StoreResult,
     micros,
@@ -47,11 +48,6 @@ const CATALOG_LOCK: i64 = 0x6661_7475_7261_0001;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
-}
-
-fn u(v: u64) -> i64 {
-    // Counts are bounded by fatura_core::event::MAX_COUNT (10^12), far below i64::MAX.
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl PgStore {

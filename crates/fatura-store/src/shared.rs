@@ -82,7 +82,7 @@ fn opt_value(p: Option<UnitPrice>) -> Option<Dec> {
     p.map(|p| Dec(p.value()))
 }
 
-fn u(v: u64) -> i64 {
+pub(super) fn u(v: u64) -> i64 {
     // Counts are bounded by fatura_core::event::MAX_COUNT (10^12), far below i64::MAX.
     i64::try_from(v).unwrap_or(i64::MAX)
 }
