@@ -6,10 +6,11 @@
 //! the revision it replaces. Events are inserted in id order so that concurrent batches
 //! sharing ids lock rows in the same order and cannot deadlock.
 //!
-//! The statements are in `shared.rs` (compiled here as the module `shared`); this file holds only
-//! what PostgreSQL does differently: its pool, its migrations, the advisory locks, rollup
-//! amounts summed as NUMERIC, the JSONB tag filter, and what only a database shared by a
-//! fleet has: the live feed (`LISTEN/NOTIFY`), budget shares and rate-limit windows.
+//! The statements are in `shared.rs` (compiled here as the module `shared`); this file
+//! holds only what PostgreSQL does differently: its pool, its migrations, the advisory
+//! locks, rollup amounts summed as NUMERIC, the JSONB tag filter, and what only a database
+//! shared by a fleet has: the live feed (`LISTEN/NOTIFY`), budget shares and rate-limit
+//! windows.
 
 use std::collections::HashSet;
 use std::str::FromStr;

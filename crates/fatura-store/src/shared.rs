@@ -8,12 +8,15 @@
 //!
 //! - `Db`, `DbRow`, `Conn` (the sqlx database, its row and connection types) and `Impl`
 //!   (the store type this file implements [`Store`] for);
-//! - on `Impl`: `BACKEND`, `reader()`/`writer()` (the pools reads and writes use),
-//!   `lock_catalog`/`lock_catalog_shared` (the catalog lock of a transaction),
-//!   `events_recorded` (what else an event insert writes in its transaction),
-//!   `apply_rollups`, `ROLLUP_MONEY_SUMS`/`rollup_money` (how rollup amounts are kept),
-//!   `push_tag_filter`, `invoice_amount`/`outcome_value` (how amounts read back), and the
-//!   fleet methods (`live_feed`, `fleet_*`), which only a shared database has;
+//! - on `Impl`:
+//!   - `BACKEND`, `SHARED`, `PUBLISHES_LIVE`: what [`Store`] reports;
+//!   - `reader()`, `writer()`: the pools reads and writes use;
+//!   - `lock_catalog`, `lock_catalog_shared`: the catalog lock of a transaction;
+//!   - `events_recorded`: what else an event insert writes in its transaction;
+//!   - `apply_rollups`, `ROLLUP_MONEY_SUMS`, `rollup_money`: how rollup amounts are kept;
+//!   - `push_tag_filter`: the condition on one tag;
+//!   - `invoice_amount`, `outcome_value`: how amounts read back;
+//!   - `live_feed`, `fleet_*`: what only a database shared by a fleet has;
 //! - `MIGRATOR`.
 //!
 //! Placeholders are `$1`, `$2`, …: PostgreSQL's own, and SQLite takes them as numbered

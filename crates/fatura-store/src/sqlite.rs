@@ -6,10 +6,10 @@
 //! durable before it returns. One SQLite file serves one fatura process; fleets use
 //! PostgreSQL.
 //!
-//! The statements are in `shared.rs` (compiled here as the module `shared`); this file holds only
-//! what SQLite does differently: its pools, its migrations, rollup amounts kept as exact
-//! integer pairs (SQLite has no exact decimal arithmetic), the JSON tag filter, and the
-//! answers of a database that one process owns (no catalog lock: the single writer
+//! The statements are in `shared.rs` (compiled here as the module `shared`); this file
+//! holds only what SQLite does differently: its pools, its migrations, rollup amounts kept
+//! as exact integer pairs (SQLite has no exact decimal arithmetic), the JSON tag filter,
+//! and the answers of a database that one process owns (no catalog lock: the single writer
 //! serialises; budgets, rate limits and the live feed stay in the process's memory).
 
 use std::str::FromStr;
