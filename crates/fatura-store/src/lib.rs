@@ -4,6 +4,13 @@
 //! [`sqlite::SqliteStore`] (the embedded default) and [`postgres::PgStore`] (for fleets of
 //! instances) implement it, each with its own migrations.
 //!
+//! Every statement is written once, in `shared.rs`, which both database modules compile as
+//! their own (`sqlite::shared`, `postgres::shared`); `sqlite.rs` and `postgres.rs` keep only
+//! what differs (pools, migrations, locks, rollup arithmetic, fleet features).
+//!
+//! Architecture Invariant: one SQL text per statement — no statement is written in both
+//! `sqlite.rs` and `postgres.rs` (`tests/one_sql_text.rs`).
+//!
 //! Architecture Invariant: only this crate speaks SQL. All SQL uses bind parameters (or
 //! `QueryBuilder::push_bind`); nothing is built with `format!` from input.
 //!
@@ -25,6 +32,7 @@ use rust_decimal::Decimal;
 
 pub mod postgres;
 pub mod sqlite;
+mod types;
 
 /// Errors of the storage layer. The first variants are expected outcomes the API maps to
 /// 4xx answers; `Internal` is anything unexpected.
@@ -875,9 +883,7 @@ pub trait Store: Send + Sync + 'static {
     /// live share of other instances plus this instance's whole share (live or not) stays
     /// within the budget; the share is live until `until`.
     async fn grant_hold(&self, _req: &HoldRequest<'_>) -> StoreResult<HoldGrant> {
-        Err(StoreError::Internal(anyhow::anyhow!(
-            "budget shares need a shared database (PostgreSQL)"
-        )))
+        Err(needs_shared_database("budget shares"))
     }
     /// Shrinks `instance_id`'s share by `release` and, if it is still live at `now`, extends
     /// it to `until`. Returns whether it is live.
@@ -910,9 +916,7 @@ pub trait Store: Send + Sync + 'static {
         _rpm: u64,
         _tpm: u64,
     ) -> StoreResult<bool> {
-        Err(StoreError::Internal(anyhow::anyhow!(
-            "shared rate limits need a shared database (PostgreSQL)"
-        )))
+        Err(needs_shared_database("shared rate limits"))
     }
     /// Deletes rate-limit windows that started before `before_us`.
     async fn prune_rate_windows(&self, _before_us: i64) -> StoreResult<()> {
@@ -991,6 +995,14 @@ pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Arc<dyn Sto
             "unsupported database URL (expected sqlite://PATH or postgres://…)"
         )))
     }
+}
+
+/// The answer of a store that one process owns to a method that needs a database shared by
+/// a fleet (the defaults of [`Store::grant_hold`] and [`Store::count_rate`]).
+pub(crate) fn needs_shared_database(what: &str) -> StoreError {
+    StoreError::Internal(anyhow::anyhow!(
+        "{what} need a shared database (PostgreSQL)"
+    ))
 }
 
 pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
@@ -1108,8 +1120,8 @@ pub(crate) fn rollup_group(by: fatura_core::rollup::Dims, from_us: i64) -> (Stri
     (select, group)
 }
 
-/// The summed counters of a rollup query (`cast` after each sum, e.g. `::BIGINT`).
-pub(crate) fn rollup_count_sums(cast: &str) -> String {
+/// The summed counters of a rollup query (cast: PostgreSQL sums BIGINT as NUMERIC).
+pub(crate) fn rollup_count_sums() -> String {
     [
         "events",
         "requests",
@@ -1121,7 +1133,7 @@ pub(crate) fn rollup_count_sums(cast: &str) -> String {
         "unpriced_events",
     ]
     .iter()
-    .map(|c| format!("SUM({c}){cast} AS {c}"))
+    .map(|c| format!("CAST(SUM({c}) AS BIGINT) AS {c}"))
     .collect::<Vec<_>>()
     .join(", ")
 }
