@@ -18,6 +18,7 @@ pub mod import;
 pub mod money;
 pub mod rating;
 pub mod rollup;
+pub mod status;
 pub mod usage;
 pub mod wallet;
 

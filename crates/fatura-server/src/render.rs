@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use fatura_core::Currency;
+use fatura_core::status::InvoiceKind;
 use rust_decimal::Decimal;
 
 use crate::service::{DocSection, InvoiceDocument};
@@ -361,7 +362,7 @@ pub fn invoice_html(inv: &InvoiceRecord, doc: &InvoiceDocument) -> String {
     let l = Locale::parse(&doc.locale);
     let tz = doc.timezone.as_str();
     let money = |d: Decimal| esc(&format_money(d, inv.currency, l));
-    let kind = if inv.kind == "credit_note" {
+    let kind = if inv.kind == InvoiceKind::CreditNote {
         l.t("credit_note")
     } else {
         l.t("invoice")
@@ -441,7 +442,7 @@ pub fn invoice_html(inv: &InvoiceRecord, doc: &InvoiceDocument) -> String {
             format!("-{}", money(inv.prepaid_applied)),
         ));
     }
-    if inv.kind == "invoice" {
+    if inv.kind == InvoiceKind::Invoice {
         totals.push((l.t("amount_due"), money(inv.amount_due)));
     }
     for (k, v) in totals {

@@ -5,6 +5,7 @@
 //! that arrive after their period was finalised are billed by the next invoice as a labelled
 //! adjustment.
 
+use fatura_core::status::{InvoiceKind, InvoiceStatus, MovementKind};
 use std::collections::HashSet;
 
 use chrono::{DateTime, Datelike, Duration, Utc};
@@ -17,6 +18,12 @@ use serde::{Deserialize, Serialize};
 
 use super::pricing::rate_events;
 use super::{Fatura, ServiceError, ServiceResult, random_hex};
+
+/// An invoice status given as text (a query parameter), or `Invalid`.
+pub fn parse_invoice_status(s: &str) -> ServiceResult<InvoiceStatus> {
+    s.parse()
+        .map_err(|_| ServiceError::Invalid("status: must be draft, open, paid or void".into()))
+}
 
 /// Billing settings of a customer as a cycle specification.
 pub fn cycle_spec(c: &Customer) -> ServiceResult<CycleSpec> {
@@ -276,7 +283,7 @@ impl Fatura {
             let txs = self.store.wallet_transactions(&customer.id).await?;
             -txs.iter()
                 .filter(|t| {
-                    t.kind == "charge"
+                    t.kind == MovementKind::Charge
                         && t.event_id
                             .as_deref()
                             .is_some_and(|id| charged_ids.contains(id))
@@ -376,9 +383,9 @@ impl Fatura {
         Ok(InvoiceRecord {
             id,
             customer_id: customer.id.clone(),
-            kind: "invoice".into(),
+            kind: InvoiceKind::Invoice,
             number: None,
-            status: "draft".into(),
+            status: InvoiceStatus::Draft,
             period_start: start,
             period_end: end,
             currency: customer.currency,
@@ -431,12 +438,12 @@ impl Fatura {
         let invoices = self.store.list_invoices(Some(&customer.id), None).await?;
         let live: HashSet<DateTime<Utc>> = invoices
             .iter()
-            .filter(|i| i.kind == "invoice" && i.status != "void")
+            .filter(|i| i.kind == InvoiceKind::Invoice && i.status != InvoiceStatus::Void)
             .map(|i| i.period_start)
             .collect();
         let mut drafts: Vec<(DateTime<Utc>, DateTime<Utc>, String)> = invoices
             .iter()
-            .filter(|i| i.kind == "invoice" && i.status == "draft")
+            .filter(|i| i.kind == InvoiceKind::Invoice && i.status == InvoiceStatus::Draft)
             .map(|i| (i.period_start, i.period_end, i.id.clone()))
             .collect();
         for (start, end) in spec.closed_cycles(customer.created_at, at, 240) {
@@ -500,7 +507,7 @@ impl Fatura {
             let rebate = (totals.prepaid_excess > Decimal::ZERO).then(|| WalletTransaction {
                 id: format!("rebate:{id}"),
                 customer_id: customer.id.clone(),
-                kind: "granted".into(),
+                kind: MovementKind::Granted,
                 amount: totals.prepaid_excess,
                 currency: customer.currency,
                 event_id: None,
@@ -567,7 +574,7 @@ impl Fatura {
         now: DateTime<Utc>,
     ) -> ServiceResult<InvoiceRecord> {
         let inv = self.invoice(id).await?;
-        if inv.kind != "invoice" || inv.status != "draft" {
+        if inv.kind != InvoiceKind::Invoice || inv.status != InvoiceStatus::Draft {
             return Err(ServiceError::Conflict(format!(
                 "invoice {id} is {}; only drafts can be finalised",
                 inv.status
@@ -576,7 +583,7 @@ impl Fatura {
         let customer = self.customer(&inv.customer_id).await?;
         let others: Vec<_> = self
             .store
-            .list_invoices(Some(&customer.id), Some("draft"))
+            .list_invoices(Some(&customer.id), Some(InvoiceStatus::Draft))
             .await?
             .into_iter()
             .filter(|i| i.period_start > inv.period_start)
@@ -606,15 +613,8 @@ impl Fatura {
     pub async fn invoices(
         &self,
         customer_id: Option<&str>,
-        status: Option<&str>,
+        status: Option<InvoiceStatus>,
     ) -> ServiceResult<Vec<InvoiceRecord>> {
-        if let Some(s) = status
-            && !["draft", "open", "paid", "void"].contains(&s)
-        {
-            return Err(ServiceError::Invalid(
-                "status: must be draft, open, paid or void".into(),
-            ));
-        }
         Ok(self.store.list_invoices(customer_id, status).await?)
     }
 
@@ -661,9 +661,9 @@ impl Fatura {
         let note = InvoiceRecord {
             id: format!("cn_{}", random_hex(10)),
             customer_id: inv.customer_id.clone(),
-            kind: "credit_note".into(),
+            kind: InvoiceKind::CreditNote,
             number: None,
-            status: "open".into(),
+            status: InvoiceStatus::Open,
             period_start: inv.period_start,
             period_end: inv.period_end,
             currency: inv.currency,

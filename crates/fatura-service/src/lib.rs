@@ -3,6 +3,7 @@
 //! The business layer: what fatura does, independent of HTTP or the CLI. It creates ids
 //! and timestamps, validates, costs and rates, and hands the store finished records.
 
+use fatura_core::status::CustomerStatus;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -90,7 +91,7 @@ pub use keys::{KEY_CACHE_TTL, VerifiedKey};
 
 pub use billing::{
     BillingPolicy, DocLine, DocQuantities, DocSection, DocTier, DocUnitPrices, InvoiceDocument,
-    RunReport, cycle_spec, document_of,
+    RunReport, cycle_spec, document_of, parse_invoice_status,
 };
 
 use pricing::{FloorHit, PricingBook};
@@ -503,7 +504,7 @@ impl Fatura {
             key_id: key.id,
             prepaid: customer.prepaid,
             spend_limit: customer.monthly_spend_limit,
-            suspended: (customer.status == "suspended").then(|| {
+            suspended: (customer.status == CustomerStatus::Suspended).then(|| {
                 customer
                     .status_reason
                     .unwrap_or_else(|| "the account is suspended".into())
@@ -607,7 +608,7 @@ impl Fatura {
             monthly_spend_limit: billing.monthly_spend_limit.map(|d| d.normalize()),
             billing: billing.settings.clone(),
             stripe_customer_id: None,
-            status: "active".into(),
+            status: CustomerStatus::Active,
             status_reason: None,
             payment_method_id: None,
             auto_top_up: None,

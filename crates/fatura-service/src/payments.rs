@@ -9,6 +9,9 @@
 //! needs five endpoints, and the crate's generated client pins API versions and shapes that
 //! the Stripe fake used in tests (localstripe, API 2017-08-15) does not serve.
 
+use fatura_core::status::{
+    CustomerStatus, InvoiceKind, InvoiceStatus, MovementKind, PaymentKind, PaymentStatus,
+};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -492,10 +495,10 @@ impl Collector {
         // A new card is tried at once on what is owed (whatever the retry schedule).
         for inv in self
             .fatura
-            .invoices(Some(customer_id), Some("open"))
+            .invoices(Some(customer_id), Some(InvoiceStatus::Open))
             .await?
         {
-            if inv.kind == "invoice" {
+            if inv.kind == InvoiceKind::Invoice {
                 self.collect_invoice(&inv, Utc::now(), true).await?;
             }
         }
@@ -513,7 +516,13 @@ impl Collector {
             let (p, _) = self
                 .fatura
                 .store()
-                .settle_payment(&p.id, "failed", None, Some("no saved payment method"), now)
+                .settle_payment(
+                    &p.id,
+                    PaymentStatus::Failed,
+                    None,
+                    Some("no saved payment method"),
+                    now,
+                )
                 .await?
                 .ok_or_else(|| internal("payment vanished"))?;
             return Ok(p);
@@ -537,12 +546,12 @@ impl Collector {
             // Accepted: the webhook settles it (the reference is recorded now).
             Ok(ChargeOutcome::Accepted { reference }) => {
                 store
-                    .settle_payment(&p.id, "pending", Some(&reference), None, now)
+                    .settle_payment(&p.id, PaymentStatus::Pending, Some(&reference), None, now)
                     .await?
             }
             Ok(ChargeOutcome::Declined { message }) => {
                 store
-                    .settle_payment(&p.id, "failed", None, Some(&message), now)
+                    .settle_payment(&p.id, PaymentStatus::Failed, None, Some(&message), now)
                     .await?
             }
             // Unreachable or refused: stays pending, pushed again with the same key later.
@@ -552,7 +561,7 @@ impl Collector {
             }
         };
         let (p, changed) = settled.ok_or_else(|| internal("payment vanished"))?;
-        if changed && p.status == "failed" {
+        if changed && p.status == PaymentStatus::Failed {
             self.on_failure(&p, now).await?;
         }
         Ok(p)
@@ -562,8 +571,11 @@ impl Collector {
     /// wait; suspends customers after too many failures.
     pub async fn collect_due(&self, now: DateTime<Utc>) -> ServiceResult<()> {
         self.auto_top_ups(now).await?;
-        let open = self.fatura.invoices(None, Some("open")).await?;
-        for inv in open.into_iter().filter(|i| i.kind == "invoice") {
+        let open = self
+            .fatura
+            .invoices(None, Some(InvoiceStatus::Open))
+            .await?;
+        for inv in open.into_iter().filter(|i| i.kind == InvoiceKind::Invoice) {
             if let Err(e) = self.collect_invoice(&inv, now, false).await {
                 tracing::warn!(invoice = %inv.id, error = %e, "collection failed");
             }
@@ -587,7 +599,7 @@ impl Collector {
                 .list_payments(&c.id, None)
                 .await?
                 .iter()
-                .any(|p| p.kind == "top_up" && p.status == "pending");
+                .any(|p| p.kind == PaymentKind::TopUp && p.status == PaymentStatus::Pending);
             self.fatura
                 .alert(
                     "low_balance",
@@ -616,9 +628,9 @@ impl Collector {
             .await?
             .iter()
             .filter(|n| {
-                n.kind == "credit_note"
+                n.kind == InvoiceKind::CreditNote
                     && n.corrects_invoice_id.as_deref() == Some(inv.id.as_str())
-                    && n.status != "void"
+                    && n.status != InvoiceStatus::Void
             })
             .map(|n| n.total)
             .sum();
@@ -641,10 +653,13 @@ impl Collector {
         }
         let c = self.fatura.customer(&inv.customer_id).await?;
         let attempts = store.list_payments(&c.id, Some(&inv.id)).await?;
-        if attempts.iter().any(|p| p.status == "succeeded") {
+        if attempts
+            .iter()
+            .any(|p| p.status == PaymentStatus::Succeeded)
+        {
             return Ok(()); // paid; the webhook (or its replay) marks the invoice
         }
-        if let Some(p) = attempts.iter().find(|p| p.status == "pending") {
+        if let Some(p) = attempts.iter().find(|p| p.status == PaymentStatus::Pending) {
             // Pushed (or about to be) by an instance that may have died: once it has been
             // quiet for `PUSH_STALE` by the wall clock (not the run's `now`, which may be a
             // simulated instant), exactly one collector claims it and pushes it again with
@@ -679,10 +694,10 @@ impl Collector {
             id: format!("fatura-{}-attempt-{}", inv.id, failed + 1),
             customer_id: c.id.clone(),
             invoice_id: Some(inv.id.clone()),
-            kind: "invoice".into(),
+            kind: PaymentKind::Invoice,
             amount: owed,
             currency: inv.currency,
-            status: "pending".into(),
+            status: PaymentStatus::Pending,
             reference: None,
             error: None,
             created_at: now,
@@ -747,7 +762,7 @@ impl Collector {
                 inv.payment_attempts
             );
             store
-                .set_customer_status(&p.customer_id, "suspended", Some(&reason))
+                .set_customer_status(&p.customer_id, CustomerStatus::Suspended, Some(&reason))
                 .await?;
             self.fatura.forget_customer_keys(&p.customer_id);
             self.fatura
@@ -791,10 +806,10 @@ impl Collector {
             id: format!("fatura-topup-{}", crate::new_id()),
             customer_id: c.id.clone(),
             invoice_id: None,
-            kind: "top_up".into(),
+            kind: PaymentKind::TopUp,
             amount,
             currency: c.currency,
-            status: "pending".into(),
+            status: PaymentStatus::Pending,
             reference: None,
             error: None,
             created_at: now,
@@ -816,14 +831,14 @@ impl Collector {
             return Ok(None);
         };
         let inv = self.fatura.invoice(invoice_id).await?;
-        if inv.status != "paid" {
+        if inv.status != InvoiceStatus::Paid {
             return Ok(None); // nothing collected: the note reduces what is owed
         }
         let Some(paid) = store
             .list_payments(&inv.customer_id, Some(&inv.id))
             .await?
             .into_iter()
-            .find(|p| p.status == "succeeded" && p.reference.is_some())
+            .find(|p| p.status == PaymentStatus::Succeeded && p.reference.is_some())
         else {
             return Ok(None);
         };
@@ -831,10 +846,10 @@ impl Collector {
             id: format!("fatura-refund-{}", note.id),
             customer_id: note.customer_id.clone(),
             invoice_id: Some(note.id.clone()),
-            kind: "refund".into(),
+            kind: PaymentKind::Refund,
             amount: note.total,
             currency: note.currency,
-            status: "pending".into(),
+            status: PaymentStatus::Pending,
             reference: None,
             error: None,
             created_at: now,
@@ -848,7 +863,7 @@ impl Collector {
             .await
         {
             Ok(refund) => Ok(store
-                .settle_payment(&p.id, "succeeded", Some(&refund), None, now)
+                .settle_payment(&p.id, PaymentStatus::Succeeded, Some(&refund), None, now)
                 .await?
                 .map(|(p, _)| p)),
             Err(e) => {
@@ -869,8 +884,8 @@ impl Collector {
             return Ok("duplicate");
         }
         let status = match ev.kind.as_str() {
-            "payment_intent.succeeded" => "succeeded",
-            "payment_intent.payment_failed" => "failed",
+            "payment_intent.succeeded" => PaymentStatus::Succeeded,
+            "payment_intent.payment_failed" => PaymentStatus::Failed,
             _ => return Ok("ignored"),
         };
         let Some(payment_id) = &ev.payment_id else {
@@ -888,8 +903,8 @@ impl Collector {
         else {
             return Ok("ignored");
         };
-        match (p.status.as_str(), p.kind.as_str()) {
-            ("succeeded", "invoice") => {
+        match (p.status, p.kind) {
+            (PaymentStatus::Succeeded, PaymentKind::Invoice) => {
                 if let Some(invoice_id) = &p.invoice_id {
                     store
                         .record_payment(invoice_id, p.reference.as_deref(), Some(now), None)
@@ -897,11 +912,13 @@ impl Collector {
                     self.reactivate_if_settled(&p.customer_id).await?;
                 }
             }
-            ("succeeded", "top_up") if changed || status == "succeeded" => {
+            (PaymentStatus::Succeeded, PaymentKind::TopUp)
+                if changed || status == PaymentStatus::Succeeded =>
+            {
                 let credit = WalletTransaction {
                     id: format!("topup:{}", p.id),
                     customer_id: p.customer_id.clone(),
-                    kind: "purchased".into(),
+                    kind: MovementKind::Purchased,
                     amount: p.amount,
                     currency: p.currency,
                     event_id: None,
@@ -918,7 +935,7 @@ impl Collector {
                     self.fatura.wallets().add_credit(&credit).await?;
                 }
             }
-            ("failed", _) if changed => self.on_failure(&p, now).await?,
+            (PaymentStatus::Failed, _) if changed => self.on_failure(&p, now).await?,
             _ => {}
         }
         Ok("applied")
@@ -926,19 +943,21 @@ impl Collector {
 
     async fn reactivate_if_settled(&self, customer_id: &str) -> ServiceResult<()> {
         let c = self.fatura.customer(customer_id).await?;
-        if c.status != "suspended" {
+        if c.status != CustomerStatus::Suspended {
             return Ok(());
         }
         let still_overdue = self
             .fatura
-            .invoices(Some(customer_id), Some("open"))
+            .invoices(Some(customer_id), Some(InvoiceStatus::Open))
             .await?
             .iter()
-            .any(|i| i.kind == "invoice" && i.payment_attempts >= self.policy.max_attempts);
+            .any(|i| {
+                i.kind == InvoiceKind::Invoice && i.payment_attempts >= self.policy.max_attempts
+            });
         if !still_overdue {
             self.fatura
                 .store()
-                .set_customer_status(customer_id, "active", None)
+                .set_customer_status(customer_id, CustomerStatus::Active, None)
                 .await?;
             self.fatura.forget_customer_keys(customer_id);
         }

@@ -109,9 +109,6 @@ impl std::fmt::Debug for WalletBook {
     }
 }
 
-/// The kind of a wallet movement that pays for a call; every other kind is a credit.
-const CHARGE: &str = "charge";
-
 /// The balance of a customer's wallet from its stored movements.
 pub(crate) async fn stored_balance(
     store: &dyn Store,
@@ -332,7 +329,7 @@ impl WalletBook {
             state.balance = balance_of(&txs, Utc::now());
             state.credits = txs
                 .into_iter()
-                .filter(|t| t.kind != CHARGE)
+                .filter(|t| t.kind.is_credit())
                 .map(|t| t.id)
                 .collect();
             state.loaded = true;
@@ -357,7 +354,7 @@ impl WalletBook {
                 continue;
             }
             for t in self.store.wallet_transactions(&customer_id).await? {
-                if t.kind != CHARGE && !state.credits.contains(&t.id) {
+                if t.kind.is_credit() && !state.credits.contains(&t.id) {
                     state.balance += t.amount;
                     state.credits.insert(t.id);
                 }

@@ -36,6 +36,15 @@ impl CreditKind {
     }
 }
 
+impl From<CreditKind> for fatura_core::status::MovementKind {
+    fn from(k: CreditKind) -> Self {
+        match k {
+            CreditKind::Purchased => fatura_core::status::MovementKind::Purchased,
+            CreditKind::Granted => fatura_core::status::MovementKind::Granted,
+        }
+    }
+}
+
 impl std::str::FromStr for CreditKind {
     type Err = ServiceError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -126,7 +135,7 @@ impl Fatura {
         let tx = WalletTransaction {
             id: format!("wtx_{}", random_hex(10)),
             customer_id: customer_id.to_string(),
-            kind: req.kind.as_str().into(),
+            kind: req.kind.into(),
             amount: req.amount.normalize(),
             currency: req.currency,
             event_id: None,

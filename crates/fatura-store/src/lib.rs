@@ -18,6 +18,9 @@
 //! is given and checks, inside the same transaction, that the catalog revision they were
 //! computed from is still current (see [`Store::insert_events`]).
 
+use fatura_core::status::{
+    CustomerStatus, InvoiceKind, InvoiceStatus, MovementKind, PaymentKind, PaymentStatus,
+};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -108,8 +111,8 @@ pub struct Customer {
     pub billing: BillingSettings,
     /// The Stripe customer, created on first need.
     pub stripe_customer_id: Option<String>,
-    /// `active` or `suspended` (unpaid invoices: the gateway refuses calls).
-    pub status: String,
+    /// Active, or suspended (unpaid invoices: the gateway refuses calls).
+    pub status: CustomerStatus,
     /// Why suspended.
     pub status_reason: Option<String>,
     /// The saved payment method collections are charged to.
@@ -128,8 +131,8 @@ pub struct WalletTransaction {
     pub id: String,
     /// Customer.
     pub customer_id: String,
-    /// `purchased`, `granted` or `charge`.
-    pub kind: String,
+    /// A credit (purchased, granted) or a charge.
+    pub kind: MovementKind,
     /// Positive for credits, negative for charges.
     pub amount: Decimal,
     /// Wallet currency.
@@ -355,12 +358,12 @@ pub struct InvoiceRecord {
     pub id: String,
     /// Customer.
     pub customer_id: String,
-    /// `invoice` or `credit_note`.
-    pub kind: String,
+    /// Invoice or credit note.
+    pub kind: InvoiceKind,
     /// Gapless number, set at finalisation (`FAT-2026-000123`).
     pub number: Option<String>,
-    /// `draft`, `open`, `paid` or `void`.
-    pub status: String,
+    /// Draft, open, paid or void.
+    pub status: InvoiceStatus,
     /// Cycle start.
     pub period_start: DateTime<Utc>,
     /// Cycle end (exclusive).
@@ -413,14 +416,14 @@ pub struct PaymentRecord {
     pub customer_id: String,
     /// Invoice (or credit note, for a refund).
     pub invoice_id: Option<String>,
-    /// `invoice`, `top_up` or `refund`.
-    pub kind: String,
+    /// Invoice, top-up or refund.
+    pub kind: PaymentKind,
     /// Amount.
     pub amount: Decimal,
     /// Currency.
     pub currency: Currency,
-    /// `pending`, `succeeded` or `failed`.
-    pub status: String,
+    /// Pending, succeeded or failed.
+    pub status: PaymentStatus,
     /// Processor reference (PaymentIntent or refund id).
     pub reference: Option<String>,
     /// Why it failed.
@@ -764,11 +767,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets a customer's billing settings; false if no such customer.
     async fn update_billing_settings(&self, id: &str, s: &BillingSettings) -> StoreResult<bool>;
-    /// Sets a customer's status (`active`/`suspended`) and its reason.
+    /// Sets a customer's status and its reason.
     async fn set_customer_status(
         &self,
         id: &str,
-        status: &str,
+        status: CustomerStatus,
         reason: Option<&str>,
     ) -> StoreResult<bool>;
     /// Records the customer's Stripe id (only if it has none yet); returns the id it has.
@@ -810,7 +813,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_invoices(
         &self,
         customer_id: Option<&str>,
-        status: Option<&str>,
+        status: Option<InvoiceStatus>,
     ) -> StoreResult<Vec<InvoiceRecord>>;
     /// Sets (or clears) a customer's automatic top-up `(threshold, amount)`.
     async fn set_auto_top_up(
@@ -837,7 +840,7 @@ pub trait Store: Send + Sync + 'static {
     async fn settle_payment(
         &self,
         id: &str,
-        status: &str,
+        status: PaymentStatus,
         reference: Option<&str>,
         error: Option<&str>,
         at: DateTime<Utc>,

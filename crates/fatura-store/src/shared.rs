@@ -50,10 +50,21 @@ use crate::{
     PricingData, Store, StoreError, StoreResult, StoredEvent, UnpricedEvent, UnpricedModel,
     UsageFilter, WalletTransaction, count, from_micros, micros, parse_terms, terms_json,
 };
+use fatura_core::status::InvoiceKind;
 
 /// A decimal column.
 fn dec(r: &DbRow, col: &str) -> StoreResult<Decimal> {
     Ok(r.try_get::<Dec, _>(col)?.0)
+}
+
+/// A column holding the name of a member of a closed set (a status, a kind).
+fn named<T>(r: &DbRow, col: &str) -> StoreResult<T>
+where
+    T: FromStr<Err = fatura_core::status::UnknownName>,
+{
+    let text: String = r.try_get(col)?;
+    text.parse()
+        .map_err(|e| StoreError::Internal(anyhow::anyhow!("in column {col}: {e}")))
 }
 
 /// A nullable decimal column.
@@ -106,7 +117,7 @@ fn customer_from_row(r: &DbRow) -> StoreResult<Customer> {
             locale: r.try_get("locale")?,
         },
         stripe_customer_id: r.try_get("stripe_customer_id")?,
-        status: r.try_get("status")?,
+        status: named(r, "status")?,
         status_reason: r.try_get("status_reason")?,
         payment_method_id: r.try_get("payment_method_id")?,
         auto_top_up: match (
@@ -154,7 +165,7 @@ fn wallet_tx_from_row(r: &DbRow) -> StoreResult<WalletTransaction> {
     Ok(WalletTransaction {
         id: r.try_get("id")?,
         customer_id: r.try_get("customer_id")?,
-        kind: r.try_get("kind")?,
+        kind: named(r, "kind")?,
         amount: dec(r, "amount")?,
         currency: currency(r)?,
         event_id: r.try_get("event_id")?,
@@ -168,10 +179,10 @@ fn payment_from_row(r: &DbRow) -> StoreResult<PaymentRecord> {
         id: r.try_get("id")?,
         customer_id: r.try_get("customer_id")?,
         invoice_id: r.try_get("invoice_id")?,
-        kind: r.try_get("kind")?,
+        kind: named(r, "kind")?,
         amount: dec(r, "amount")?,
         currency: currency(r)?,
-        status: r.try_get("status")?,
+        status: named(r, "status")?,
         reference: r.try_get("reference")?,
         error: r.try_get("error")?,
         created_at: from_micros(r.try_get("created_at_us")?)?,
@@ -186,9 +197,9 @@ fn invoice_from_row(r: &DbRow) -> StoreResult<InvoiceRecord> {
     Ok(InvoiceRecord {
         id: r.try_get("id")?,
         customer_id: r.try_get("customer_id")?,
-        kind: r.try_get("kind")?,
+        kind: named(r, "kind")?,
         number: r.try_get("number")?,
-        status: r.try_get("status")?,
+        status: named(r, "status")?,
         period_start: from_micros(r.try_get("period_start_us")?)?,
         period_end: from_micros(r.try_get("period_end_us")?)?,
         currency,
@@ -385,10 +396,10 @@ fn bind_invoice<'q>(
 ) -> sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>> {
     q.bind(&inv.id)
         .bind(&inv.customer_id)
-        .bind(&inv.kind)
+        .bind(inv.kind.as_str())
         // A credit note is finalised at once: its number is set in the same transaction.
         .bind(inv.finalized_at.map(|_| format!("pending:{}", inv.id)))
-        .bind(&inv.status)
+        .bind(inv.status.as_str())
         .bind(micros(inv.period_start))
         .bind(micros(inv.period_end))
         .bind(inv.currency.code())
@@ -438,7 +449,7 @@ async fn insert_wallet_tx(tx: &mut Conn, c: &WalletTransaction) -> StoreResult<(
     )
     .bind(&c.id)
     .bind(&c.customer_id)
-    .bind(&c.kind)
+    .bind(c.kind.as_str())
     .bind(Dec(c.amount))
     .bind(c.currency.code())
     .bind(c.expires_at.map(micros))
@@ -481,7 +492,7 @@ async fn check_credit_note(tx: &mut Conn, note: &InvoiceRecord) -> StoreResult<(
     let Some(inv) = invoice_in(&mut *tx, original).await? else {
         return Err(StoreError::Conflict(format!("no invoice {original:?}")));
     };
-    if inv.kind != "invoice" || !(inv.status == "open" || inv.status == "paid") {
+    if inv.kind != InvoiceKind::Invoice || !inv.status.is_final() {
         return Err(StoreError::Conflict(format!(
             "credit notes correct finalised invoices; {original:?} is {} {}",
             inv.status, inv.kind
@@ -663,7 +674,7 @@ impl Store for Impl {
         )
         .bind(&c.id)
         .bind(&c.customer_id)
-        .bind(&c.kind)
+        .bind(c.kind.as_str())
         .bind(Dec(c.amount))
         .bind(c.currency.code())
         .bind(c.event_id.as_deref())
@@ -1275,11 +1286,11 @@ impl Store for Impl {
     async fn set_customer_status(
         &self,
         id: &str,
-        status: &str,
+        status: fatura_core::status::CustomerStatus,
         reason: Option<&str>,
     ) -> StoreResult<bool> {
         let res = sqlx::query("UPDATE customers SET status = $1, status_reason = $2 WHERE id = $3")
-            .bind(status)
+            .bind(status.as_str())
             .bind(reason)
             .bind(id)
             .execute(self.writer())
@@ -1446,7 +1457,7 @@ impl Store for Impl {
     async fn list_invoices(
         &self,
         customer_id: Option<&str>,
-        status: Option<&str>,
+        status: Option<fatura_core::status::InvoiceStatus>,
     ) -> StoreResult<Vec<InvoiceRecord>> {
         sqlx::query(
             "SELECT * FROM invoices WHERE (CAST($1 AS TEXT) IS NULL OR customer_id = $1) \
@@ -1454,7 +1465,7 @@ impl Store for Impl {
              ORDER BY period_start_us DESC, created_at_us DESC, id",
         )
         .bind(customer_id)
-        .bind(status)
+        .bind(status.map(|s| s.as_str()))
         .fetch_all(self.reader())
         .await?
         .iter()
@@ -1495,10 +1506,10 @@ impl Store for Impl {
         .bind(&p.id)
         .bind(&p.customer_id)
         .bind(&p.invoice_id)
-        .bind(&p.kind)
+        .bind(p.kind.as_str())
         .bind(Dec(p.amount))
         .bind(p.currency.code())
-        .bind(&p.status)
+        .bind(p.status.as_str())
         .bind(&p.reference)
         .bind(&p.error)
         .bind(micros(p.created_at))
@@ -1529,7 +1540,7 @@ impl Store for Impl {
     async fn settle_payment(
         &self,
         id: &str,
-        status: &str,
+        status: fatura_core::status::PaymentStatus,
         reference: Option<&str>,
         error: Option<&str>,
         at: DateTime<Utc>,
@@ -1539,7 +1550,7 @@ impl Store for Impl {
             "UPDATE payments SET status = $1, reference = COALESCE($2, reference), error = $3, updated_at_us = $4 \
              WHERE id = $5 AND status = 'pending'",
         )
-        .bind(status)
+        .bind(status.as_str())
         .bind(reference)
         .bind(error)
         .bind(micros(at))

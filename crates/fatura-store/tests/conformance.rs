@@ -4,6 +4,9 @@
 //! backend (see `conformance!` at the end).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use fatura_core::status::{
+    CustomerStatus, InvoiceKind, InvoiceStatus, MovementKind, PaymentKind, PaymentStatus,
+};
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -156,7 +159,7 @@ fn customer(id: &str, currency: Currency, prepaid: bool) -> Customer {
         monthly_spend_limit: None,
         billing: BillingSettings::default(),
         stripe_customer_id: None,
-        status: "active".into(),
+        status: CustomerStatus::Active,
         status_reason: None,
         payment_method_id: None,
         auto_top_up: None,
@@ -287,9 +290,9 @@ fn invoice(id: &str, customer: &str, month: u32, total: &str, events: i64) -> In
     InvoiceRecord {
         id: id.into(),
         customer_id: customer.into(),
-        kind: "invoice".into(),
+        kind: InvoiceKind::Invoice,
         number: None,
-        status: "draft".into(),
+        status: InvoiceStatus::Draft,
         period_start: start,
         period_end: end,
         currency: Currency::Usd,
@@ -316,8 +319,8 @@ fn invoice(id: &str, customer: &str, month: u32, total: &str, events: i64) -> In
 fn credit_note(id: &str, of: &InvoiceRecord, amount: &str) -> InvoiceRecord {
     InvoiceRecord {
         id: id.into(),
-        kind: "credit_note".into(),
-        status: "open".into(),
+        kind: InvoiceKind::CreditNote,
+        status: InvoiceStatus::Open,
         subtotal: d(amount),
         tax: d("0.00"),
         total: d(amount),
@@ -334,7 +337,7 @@ fn credit(id: &str, customer: &str, amount: &str, at: &str) -> WalletTransaction
     WalletTransaction {
         id: id.into(),
         customer_id: customer.into(),
-        kind: "purchased".into(),
+        kind: MovementKind::Purchased,
         amount: d(amount),
         currency: Currency::Brl,
         event_id: None,
@@ -682,7 +685,7 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
     rated.due_at = Some(t("2026-05-01T01:00:00Z"));
     let rebate = WalletTransaction {
         currency: Currency::Usd,
-        kind: "granted".into(),
+        kind: MovementKind::Granted,
         ..credit("wtx_rebate", "c1", "1.50", "2026-04-01T01:00:00Z")
     };
     let done = store
@@ -691,7 +694,7 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
         .unwrap()
         .expect("finalised");
     assert_eq!(done.number.as_deref(), Some("FAT-2026-000001"));
-    assert_eq!(done.status, "open");
+    assert_eq!(done.status, InvoiceStatus::Open);
     assert_eq!(done.total, d("20.00"));
     assert_eq!(done.finalized_at, Some(t("2026-04-01T01:00:00Z")));
     assert_eq!(done.due_at, Some(t("2026-05-01T01:00:00Z")));
@@ -741,7 +744,7 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
     assert_eq!(apr.number.as_deref(), Some("FAT-2027-000001"));
 
     let open: Vec<String> = store
-        .list_invoices(Some("c1"), Some("open"))
+        .list_invoices(Some("c1"), Some(InvoiceStatus::Open))
         .await
         .unwrap()
         .into_iter()
@@ -751,7 +754,7 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
     assert_eq!(store.list_invoices(None, None).await.unwrap().len(), 3);
     assert!(
         store
-            .list_invoices(None, Some("paid"))
+            .list_invoices(None, Some(InvoiceStatus::Paid))
             .await
             .unwrap()
             .is_empty()
@@ -768,7 +771,7 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(paid.status, "paid");
+    assert_eq!(paid.status, InvoiceStatus::Paid);
     assert_eq!(paid.payment_reference.as_deref(), Some("pi_1"));
     assert!(matches!(
         store
@@ -781,7 +784,7 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
         .void_invoice("inv_c1_mar", t("2026-04-06T00:00:00Z"))
         .await
         .unwrap();
-    assert_eq!(void.status, "void");
+    assert_eq!(void.status, InvoiceStatus::Void);
     assert_eq!(void.number.as_deref(), Some("FAT-2026-000001"));
     assert_eq!(
         store.uninvoiced_events("c1", before).await.unwrap().len(),
@@ -823,7 +826,7 @@ async fn credit_notes_are_capped_at_the_invoice_total(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(first.number.as_deref(), Some("FAT-CN-2026-000001"));
-    assert_eq!(first.kind, "credit_note");
+    assert_eq!(first.kind, InvoiceKind::CreditNote);
     assert_eq!(first.corrects_invoice_id.as_deref(), Some("inv_1"));
     assert_eq!(first.total, d("4.00"));
     // Up to the total exactly…
@@ -882,7 +885,7 @@ async fn credit_notes_are_capped_at_the_invoice_total(store: &dyn Store) {
         .await
         .unwrap()
         .into_iter()
-        .filter(|i| i.kind == "credit_note")
+        .filter(|i| i.kind == InvoiceKind::CreditNote)
         .map(|i| (i.id, i.number))
         .collect();
     assert_eq!(notes.len(), 2);
@@ -908,7 +911,7 @@ async fn wallet_movements_add_up_and_page(store: &dyn Store) {
         .unwrap();
     let c1 = credit("wtx_1", "w1", "50.00", "2026-03-01T00:00:00Z");
     let mut c2 = credit("wtx_2", "w1", "10.00", "2026-03-01T00:00:00Z");
-    c2.kind = "granted".into();
+    c2.kind = MovementKind::Granted;
     c2.expires_at = Some(t("2026-12-31T00:00:00Z"));
     store.add_wallet_credit(&c1).await.unwrap();
     store.add_wallet_credit(&c2).await.unwrap();
@@ -965,12 +968,12 @@ async fn wallet_movements_add_up_and_page(store: &dyn Store) {
     assert_eq!(txs[2].created_at, t("2026-03-02T00:00:01Z"));
     let credits: Decimal = txs
         .iter()
-        .filter(|x| x.kind != "charge")
+        .filter(|x| x.kind != MovementKind::Charge)
         .map(|x| x.amount)
         .sum();
     let charges: Decimal = txs
         .iter()
-        .filter(|x| x.kind == "charge")
+        .filter(|x| x.kind == MovementKind::Charge)
         .map(|x| -x.amount)
         .sum();
     assert_eq!(credits, d("60"));
@@ -1417,10 +1420,10 @@ async fn alerts_outcomes_payments_and_leases(store: &dyn Store) {
         id: "fatura-topup-1".into(),
         customer_id: "p1".into(),
         invoice_id: None,
-        kind: "top_up".into(),
+        kind: PaymentKind::TopUp,
         amount: d("25.50"),
         currency: Currency::Usd,
-        status: "pending".into(),
+        status: PaymentStatus::Pending,
         reference: None,
         error: None,
         created_at: t("2026-03-01T00:00:00Z"),
@@ -1442,7 +1445,7 @@ async fn alerts_outcomes_payments_and_leases(store: &dyn Store) {
             .unwrap()
     );
     let (settled, changed) = store
-        .settle_payment(&p.id, "succeeded", Some("pi_9"), None, now)
+        .settle_payment(&p.id, PaymentStatus::Succeeded, Some("pi_9"), None, now)
         .await
         .unwrap()
         .unwrap();
@@ -1456,14 +1459,14 @@ async fn alerts_outcomes_payments_and_leases(store: &dyn Store) {
         ("succeeded", Some("pi_9"), d("25.50"))
     );
     let (_, changed) = store
-        .settle_payment(&p.id, "failed", None, Some("late"), now)
+        .settle_payment(&p.id, PaymentStatus::Failed, None, Some("late"), now)
         .await
         .unwrap()
         .unwrap();
     assert!(!changed, "a settled payment keeps its status");
     assert_eq!(
         store.get_payment(&p.id).await.unwrap().unwrap().status,
-        "succeeded"
+        PaymentStatus::Succeeded
     );
     assert_eq!(store.list_payments("p1", None).await.unwrap().len(), 1);
     assert!(
@@ -1475,7 +1478,7 @@ async fn alerts_outcomes_payments_and_leases(store: &dyn Store) {
     );
     assert_eq!(
         store
-            .settle_payment("nope", "failed", None, None, now)
+            .settle_payment("nope", PaymentStatus::Failed, None, None, now)
             .await
             .unwrap(),
         None

@@ -68,7 +68,7 @@ impl From<Customer> for CustomerOut {
             payment_terms_days: c.billing.payment_terms_days,
             tax_rate: c.billing.tax_rate.map(|d| d.to_string()),
             locale: c.billing.locale,
-            status: c.status,
+            status: c.status.as_str().into(),
             status_reason: c.status_reason,
             payment_method_id: c.payment_method_id,
             auto_top_up_threshold: c.auto_top_up.map(|r| r.0.to_string()),

@@ -6,6 +6,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use fatura_core::status::InvoiceStatus;
 use fatura_store::{ExportRow, UsageFilter};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -172,7 +173,13 @@ pub async fn invoices_csv(
     let operator = matches!(caller, Caller::Admin);
     let list = state
         .fatura
-        .invoices(customer.as_deref(), q.status.as_deref())
+        .invoices(
+            customer.as_deref(),
+            q.status
+                .as_deref()
+                .map(crate::service::parse_invoice_status)
+                .transpose()?,
+        )
         .await?;
     let mut out = String::from(
         "id,number,kind,status,customer_id,period_start,period_end,currency,subtotal,tax,total,\
@@ -180,12 +187,15 @@ pub async fn invoices_csv(
     );
     let t =
         |d: Option<chrono::DateTime<chrono::Utc>>| d.map(|d| d.to_rfc3339()).unwrap_or_default();
-    for i in list.into_iter().filter(|i| operator || i.status != "draft") {
+    for i in list
+        .into_iter()
+        .filter(|i| operator || i.status != InvoiceStatus::Draft)
+    {
         let fields = [
             i.id,
             i.number.unwrap_or_default(),
-            i.kind,
-            i.status,
+            i.kind.as_str().into(),
+            i.status.as_str().into(),
             i.customer_id,
             i.period_start.to_rfc3339(),
             i.period_end.to_rfc3339(),

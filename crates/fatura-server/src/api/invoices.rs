@@ -6,6 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use fatura_core::status::InvoiceStatus;
 use fatura_store::InvoiceRecord;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -85,9 +86,9 @@ fn invoice_out(inv: InvoiceRecord, operator: bool) -> Result<InvoiceOut, ApiErro
     }
     Ok(InvoiceOut {
         id: inv.id,
-        kind: inv.kind,
+        kind: inv.kind.as_str().into(),
         number: inv.number,
-        status: inv.status,
+        status: inv.status.as_str().into(),
         customer_id: inv.customer_id,
         period_start: inv.period_start,
         period_end: inv.period_end,
@@ -159,13 +160,19 @@ pub async fn list_invoices(
     let customer = caller.scope_customer(q.customer_id)?;
     let list = state
         .fatura
-        .invoices(customer.as_deref(), q.status.as_deref())
+        .invoices(
+            customer.as_deref(),
+            q.status
+                .as_deref()
+                .map(crate::service::parse_invoice_status)
+                .transpose()?,
+        )
         .await?;
     let operator = matches!(caller, Caller::Admin);
     let mut data = Vec::with_capacity(list.len());
     for inv in list {
         // Customers do not see drafts: they are not invoices yet.
-        if operator || inv.status != "draft" {
+        if operator || inv.status != InvoiceStatus::Draft {
             data.push(invoice_out(inv, operator)?);
         }
     }
@@ -193,7 +200,7 @@ pub async fn get_invoice(
     let inv = state.fatura.invoice(&id).await?;
     caller.scope_customer(Some(inv.customer_id.clone()))?;
     let operator = matches!(caller, Caller::Admin);
-    if !operator && inv.status == "draft" {
+    if !operator && inv.status == InvoiceStatus::Draft {
         return Err(ApiError::not_found(format!("no invoice {id:?}")));
     }
     let doc: InvoiceDocument = document_of(&inv)?;
@@ -463,10 +470,10 @@ pub async fn top_up(
         StatusCode::ACCEPTED,
         ApiJson(PaymentOut {
             id: p.id,
-            kind: p.kind,
+            kind: p.kind.as_str().into(),
             amount: p.amount.to_string(),
             currency: p.currency.code().into(),
-            status: p.status,
+            status: p.status.as_str().into(),
             error: p.error,
         }),
     ))

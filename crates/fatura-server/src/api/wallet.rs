@@ -56,7 +56,7 @@ impl From<WalletTransaction> for WalletTransactionOut {
     fn from(t: WalletTransaction) -> Self {
         WalletTransactionOut {
             id: t.id,
-            kind: t.kind,
+            kind: t.kind.as_str().into(),
             amount: t.amount.normalize().to_string(),
             currency: t.currency.code().to_string(),
             event_id: t.event_id,

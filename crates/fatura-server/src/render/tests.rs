@@ -4,6 +4,7 @@ use super::*;
 use crate::service::InvoiceDocument;
 use crate::service::{DocLine, DocSection, DocTier};
 use chrono::TimeZone;
+use fatura_core::status::{InvoiceKind, InvoiceStatus};
 use std::str::FromStr;
 
 fn d(s: &str) -> Decimal {
@@ -139,9 +140,9 @@ fn sample(locale: &str, currency: Currency) -> (InvoiceRecord, InvoiceDocument) 
     let inv = InvoiceRecord {
         id: "inv_0123456789".into(),
         customer_id: "acme".into(),
-        kind: "invoice".into(),
+        kind: InvoiceKind::Invoice,
         number: Some("FAT-2026-000042".into()),
-        status: "open".into(),
+        status: InvoiceStatus::Open,
         period_start: from,
         period_end: to,
         currency,

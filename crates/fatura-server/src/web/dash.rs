@@ -1,6 +1,7 @@
 //! The operator's pages. Every figure comes from the same service calls as the HTTP API
 //! (rollups for usage and money), so the dashboard and `/v1/analytics/*` always agree.
 
+use fatura_core::status::InvoiceStatus;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -423,7 +424,7 @@ pub async fn customers(State(state): State<AppState>, Admin(web): Admin) -> Resp
             fmt.usd(t.revenue),
             fmt.pct(margin(&t)),
             plan,
-            esc(&c.status),
+            esc(c.status.as_str()),
         ]);
     }
     let body = format!(
@@ -652,7 +653,7 @@ pub(super) async fn customer_body(
     };
     let inv_rows: Vec<Vec<String>> = invoices
         .iter()
-        .filter(|i| operator || i.status != "draft")
+        .filter(|i| operator || i.status != InvoiceStatus::Draft)
         .map(|i| {
             vec![
                 format!(
@@ -660,7 +661,7 @@ pub(super) async fn customer_body(
                     esc(&i.id),
                     esc(i.number.as_deref().unwrap_or(&i.id))
                 ),
-                esc(&i.status),
+                esc(i.status.as_str()),
                 format!(
                     "{} – {}",
                     fmt.date(i.period_start),
@@ -700,7 +701,7 @@ pub(super) async fn customer_body(
             .map(|t| {
                 vec![
                     fmt.time(t.created_at),
-                    esc(&t.kind),
+                    esc(t.kind.as_str()),
                     fmt.money(t.amount, t.currency),
                 ]
             })
@@ -943,8 +944,8 @@ pub async fn invoices(State(state): State<AppState>, Admin(web): Admin) -> Respo
                     "<a href=\"/dashboard/customers/{0}\">{0}</a>",
                     esc(&i.customer_id)
                 ),
-                esc(&i.kind),
-                esc(&i.status),
+                esc(i.kind.as_str()),
+                esc(i.status.as_str()),
                 format!(
                     "{} – {}",
                     fmt.date(i.period_start),
@@ -1000,7 +1001,7 @@ pub async fn invoice(
     body.push_str(&card(
         "invoice-status",
         tr(l, "status"),
-        &esc(&inv.status),
+        &esc(inv.status.as_str()),
         &inv.paid_at.map_or_else(String::new, |p| fmt.time(p)),
     ));
     body.push_str(&card(
@@ -1024,8 +1025,8 @@ pub async fn invoice(
         .map(|p| {
             vec![
                 fmt.time(p.created_at),
-                esc(&p.kind),
-                esc(&p.status),
+                esc(p.kind.as_str()),
+                esc(p.status.as_str()),
                 fmt.money(p.amount, p.currency),
                 esc(p.error.as_deref().unwrap_or("")),
             ]
@@ -1076,7 +1077,7 @@ pub(super) async fn document(state: &AppState, id: &str, customer: Option<&str>)
         Ok(i) => i,
         Err(e) => return page_error(e),
     };
-    if customer.is_some_and(|c| c != inv.customer_id || inv.status == "draft") {
+    if customer.is_some_and(|c| c != inv.customer_id || inv.status == InvoiceStatus::Draft) {
         return page_error(crate::service::ServiceError::NotFound(format!(
             "no invoice {id:?}"
         )));
