@@ -12,6 +12,7 @@ pub mod error;
 pub mod gateway;
 pub mod metrics;
 pub mod mock;
+pub mod plans;
 pub mod render;
 pub mod web;
 

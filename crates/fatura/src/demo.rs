@@ -602,7 +602,7 @@ async fn seed(
         if fatura.plan(&id, now).await.is_ok() {
             continue;
         }
-        fatura_server::api::pricing::create_plan_with(fatura, serde_json::from_value(body)?, now)
+        fatura_server::plans::create_plan_with(fatura, serde_json::from_value(body)?, now)
             .await
             .with_context(|| format!("cannot create the demo plan {id}"))?;
     }

@@ -599,7 +599,7 @@ fn read_json<T: serde::de::DeserializeOwned>(file: &std::path::Path) -> anyhow::
 }
 
 async fn plans(config: &Config, cmd: PlansCommand) -> anyhow::Result<()> {
-    use fatura_server::api::pricing::{create_plan_with, plan_out, update_plan_with};
+    use fatura_server::plans::{create_plan_with, plan_out, update_plan_with};
     let now = Utc::now();
     match cmd {
         PlansCommand::Create { file } => {
