@@ -277,8 +277,13 @@ impl Fatura {
                         .any(|(s, en)| e.timestamp >= *s && e.timestamp < *en)
             })
             .collect();
-        let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
-        let charged_ids: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+        // What the invoice bills: the priced events. Unpriced ones are rated only to be
+        // reported (`unpriced_events`); they stay unbilled — not linked at finalisation, their
+        // wallet charges not applied — until a price import prices them, and the next
+        // invoice then bills them as an adjustment of their period.
+        let billed = events.iter().filter(|e| e.cost.is_some());
+        let count = i64::try_from(billed.clone().count()).unwrap_or(i64::MAX);
+        let charged_ids: HashSet<&str> = billed.map(|e| e.id.as_str()).collect();
         let prepaid_charged = if customer.prepaid {
             let txs = self.store.wallet_transactions(&customer.id).await?;
             -txs.iter()

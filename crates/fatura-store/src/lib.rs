@@ -787,9 +787,9 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a draft's figures; false if it is no longer a draft.
     async fn update_draft(&self, invoice: &InvoiceRecord) -> StoreResult<bool>;
     /// Finalises a draft in one transaction: claims it (`Conflict` if it is not a draft),
-    /// links every unbilled event of its customer before `period_end` to it — failing with
-    /// `Ok(None)` (nothing written) unless they are exactly `invoice.events`, i.e. exactly
-    /// the events rated — gives it the next number of `series` (`FAT-2026` →
+    /// links every unbilled *priced* event of its customer before `period_end` to it (an
+    /// unpriced event stays unbilled until priced) — failing with `Ok(None)` (nothing
+    /// written) unless they are exactly `invoice.events`, i.e. exactly the events rated — gives it the next number of `series` (`FAT-2026` →
     /// `FAT-2026-000001`), stores its figures, and records `rebate` (a wallet credit).
     async fn finalize_invoice(
         &self,

@@ -1387,7 +1387,10 @@ impl Store for Impl {
             )));
         }
         let linked = sqlx::query(
-            "UPDATE usage_events SET invoice_id = $1 WHERE customer_id = $2 AND ts_us < $3 AND invoice_id IS NULL",
+            // Priced events only: an unpriced one stays unbilled until a price import prices
+            // it, and the next invoice bills it then.
+            "UPDATE usage_events SET invoice_id = $1 WHERE customer_id = $2 AND ts_us < $3 AND invoice_id IS NULL \
+             AND cost IS NOT NULL",
         )
         .bind(&inv.id)
         .bind(&inv.customer_id)

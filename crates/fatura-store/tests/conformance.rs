@@ -633,11 +633,18 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
     }
     let rev = store.catalog_revision().await.unwrap();
     let evs = [
-        Ev::new("e1", "c1", t("2026-03-03T00:00:00Z")),
-        Ev::new("e2", "c1", t("2026-03-20T00:00:00Z")),
-        Ev::new("e3", "c2", t("2026-03-21T00:00:00Z")),
-        Ev::new("e4", "c1", t("2026-04-02T00:00:00Z")),
+        Ev::new("e1", "c1", t("2026-03-03T00:00:00Z")).priced(1, "0.0035", "0.0042"),
+        Ev::new("e2", "c1", t("2026-03-20T00:00:00Z")).priced(1, "0.0035", "0.0042"),
+        Ev::new("e3", "c2", t("2026-03-21T00:00:00Z")).priced(1, "0.0035", "0.0042"),
+        Ev::new("e4", "c1", t("2026-04-02T00:00:00Z")).priced(1, "0.0035", "0.0042"),
+        // Unpriced: never linked to an invoice until a price import prices it.
+        Ev::new("e5", "c1", t("2026-03-25T00:00:00Z")),
     ];
+    // The priced events cite version 1: give the catalog one.
+    let rev = store
+        .import_prices(&import("openai/gpt-4o", "2025-01-01T00:00:00Z", rev))
+        .await
+        .unwrap();
     let prepared: Vec<_> = evs.iter().map(|e| e.prepared(e.id)).collect();
     store.insert_events(&prepared, rev).await.unwrap();
 
@@ -654,7 +661,8 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
     let before = t("2026-04-01T00:00:00Z");
     assert_eq!(
         store.uninvoiced_events("c1", before).await.unwrap().len(),
-        2
+        3,
+        "two priced events and the unpriced one"
     );
 
     let mut updated = draft.clone();
@@ -698,13 +706,14 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
     assert_eq!(done.total, d("20.00"));
     assert_eq!(done.finalized_at, Some(t("2026-04-01T01:00:00Z")));
     assert_eq!(done.due_at, Some(t("2026-05-01T01:00:00Z")));
-    assert!(
-        store
-            .uninvoiced_events("c1", before)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    let left: Vec<String> = store
+        .uninvoiced_events("c1", before)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, ["e5"], "only the unpriced event stays unbilled");
     assert_eq!(
         store.wallet_transactions("c1").await.unwrap(),
         [rebate],
@@ -788,7 +797,7 @@ async fn invoices_are_claimed_once_and_numbered_without_gaps(store: &dyn Store) 
     assert_eq!(void.number.as_deref(), Some("FAT-2026-000001"));
     assert_eq!(
         store.uninvoiced_events("c1", before).await.unwrap().len(),
-        2
+        3
     );
     assert!(
         store

@@ -13,6 +13,7 @@ on_both_backends!(
     cycles_close_once_into_numbered_invoices_and_late_events_are_never_lost,
     bad_billing_input_is_refused_and_changes_nothing,
     one_instance_at_a_time_runs_the_background_work,
+    unpriced_events_are_billed_once_priced,
 );
 
 async fn setup(backend: Backend) -> TestApp {
@@ -435,4 +436,51 @@ async fn one_instance_at_a_time_runs_the_background_work(backend: Backend) {
     // Whoever ran, the cycle has one invoice.
     let list = invoices(&app, "?customer_id=c1").await;
     assert_eq!(list.len(), 1, "{list:?}");
+}
+
+/// Regression: finalisation linked the period's unpriced events to its invoice, so when a
+/// later import priced them no invoice ever charged them (October billed one call of two;
+/// after the import the usage showed both, and November billed 0.00). Unpriced events stay
+/// unbilled until priced, then the next invoice bills them as an adjustment of their period.
+async fn unpriced_events_are_billed_once_priced(backend: Backend) {
+    let app = setup(backend).await;
+    app.backdate_customer("c1", "2026-10-01T00:00:00Z").await;
+    let unpriced = event(
+        "u1",
+        "c1",
+        json!({"timestamp": "2026-10-11T12:00:00Z", "model": "acme/new-model",
+               "input_tokens": 1_000_000, "output_tokens": 100_000}),
+    );
+    post_events(&app, vec![call("p1", "2026-10-10T12:00:00Z"), unpriced]).await;
+    let r = run(&app, "2026-11-01T02:00:00Z").await;
+    let oct = &r["finalized"][0];
+    // Only the priced call: 3.50 / 0.13 = 26.92.
+    assert_eq!(oct["subtotal"], "26.92", "{r}");
+    assert_eq!(oct["events"], 1, "the unpriced call is not billed yet: {r}");
+    // The model gets its price (the same as gpt-4o's), from before October.
+    let (s, body) = app
+        .post_bytes(
+            "/v1/prices/import?format=openrouter&effective_from=2026-01-01T00:00:00Z",
+            serde_json::to_vec(&json!({"data": [
+                {"id": "acme/new-model", "pricing": {"prompt": "0.0000025", "completion": "0.00001"}}]}))
+            .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["events_priced"], 1, "{body}");
+    // November's invoice bills it, as an adjustment of October.
+    let r = run(&app, "2026-12-01T02:00:00Z").await;
+    let nov = r["finalized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["period_start"] == "2026-11-01T00:00:00Z")
+        .unwrap_or_else(|| panic!("November is invoiced: {r}"))
+        .clone();
+    assert_eq!(nov["subtotal"], "26.92", "{nov}");
+    assert_eq!(nov["events"], 1, "{nov}");
+    // Both calls are billed, each once.
+    let billed: Vec<Value> = invoices(&app, "?customer_id=c1").await;
+    let total_events: i64 = billed.iter().map(|i| i["events"].as_i64().unwrap()).sum();
+    assert_eq!(total_events, 2, "{billed:?}");
 }
