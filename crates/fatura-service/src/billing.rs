@@ -241,6 +241,19 @@ pub struct RunReport {
     pub refreshed: u64,
     /// Invoices finalised.
     pub finalized: Vec<InvoiceRecord>,
+    /// Customers that could not be billed (each billed in isolation: the others were).
+    pub failed: Vec<BillingFailure>,
+}
+
+/// A customer a billing run could not bill, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingFailure {
+    /// The customer.
+    pub customer_id: String,
+    /// The kind of error (`conflict`, `invalid_request`, `not_found`).
+    pub code: &'static str,
+    /// What is wrong, for the operator.
+    pub message: String,
 }
 
 /// A draft's rating: its document, totals and the number of events it bills.
@@ -426,8 +439,30 @@ impl Fatura {
     ) -> ServiceResult<RunReport> {
         let mut report = RunReport::default();
         for customer in self.store.list_customers().await? {
-            self.bill_customer(&customer, at, policy, &mut report)
-                .await?;
+            // Each customer in isolation: one that cannot be rated (no exchange rate for its
+            // currency, say) is reported and alerted, and the run goes on with the others. An
+            // unexpected error (the database unreachable) stops the run: it would fail them all.
+            match self.bill_customer(&customer, at, policy, &mut report).await {
+                Ok(()) => {}
+                Err(e @ ServiceError::Internal(_)) => return Err(e),
+                Err(e) => {
+                    let failure = BillingFailure {
+                        customer_id: customer.id.clone(),
+                        code: e.code(),
+                        message: e.to_string(),
+                    };
+                    self.alert(
+                        "billing_failed",
+                        "error",
+                        Some(&customer.id),
+                        &customer.id,
+                        format!("billing {} failed: {}", customer.id, failure.message),
+                        self.now(),
+                    )
+                    .await;
+                    report.failed.push(failure);
+                }
+            }
         }
         Ok(report)
     }

@@ -60,6 +60,22 @@ pub enum ServiceError {
     Internal(anyhow::Error),
 }
 
+impl ServiceError {
+    /// A short name of the kind of error, as the API's error codes name it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServiceError::Invalid(_) => "invalid_request",
+            ServiceError::InvalidEvents(_) => "invalid_events",
+            ServiceError::InvalidField { code, .. } => code,
+            ServiceError::BadQuery(_) => "invalid_query",
+            ServiceError::NotFound(_) => "not_found",
+            ServiceError::EventConflict(_) => "event_id_conflict",
+            ServiceError::Conflict(_) => "conflict",
+            ServiceError::Internal(_) => "internal",
+        }
+    }
+}
+
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -90,8 +106,8 @@ pub use wallets::{CreditKind, CreditRequest, WalletPage};
 pub use keys::{KEY_CACHE_TTL, VerifiedKey};
 
 pub use billing::{
-    BillingPolicy, DocLine, DocQuantities, DocSection, DocTier, DocUnitPrices, InvoiceDocument,
-    RunReport, cycle_spec, document_of, parse_invoice_status,
+    BillingFailure, BillingPolicy, DocLine, DocQuantities, DocSection, DocTier, DocUnitPrices,
+    InvoiceDocument, RunReport, cycle_spec, document_of, parse_invoice_status,
 };
 
 use pricing::{FloorHit, PricingBook};

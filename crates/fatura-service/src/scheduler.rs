@@ -80,6 +80,9 @@ impl Scheduler {
                 for inv in &report.finalized {
                     tracing::info!(invoice = %inv.id, number = ?inv.number, total = %inv.total, "invoice finalised");
                 }
+                for f in &report.failed {
+                    tracing::warn!(customer = %f.customer_id, code = f.code, error = %f.message, "customer not billed; retrying at the next tick");
+                }
             }
             Err(e) => tracing::warn!(error = %e, "billing run failed; retrying at the next tick"),
         }

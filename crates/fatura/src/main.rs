@@ -550,6 +550,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.refreshed,
                 r.finalized.len()
             );
+            for f in &r.failed {
+                eprintln!("not billed\t{}\t{}\t{}", f.customer_id, f.code, f.message);
+            }
+            if !r.failed.is_empty() {
+                anyhow::bail!(
+                    "{} customers could not be billed (the others were); see above",
+                    r.failed.len()
+                );
+            }
         }
         Command::Invoices(InvoicesCommand::List { customer }) => {
             let fatura = open(&config).await?;

@@ -14,6 +14,7 @@ on_both_backends!(
     bad_billing_input_is_refused_and_changes_nothing,
     one_instance_at_a_time_runs_the_background_work,
     unpriced_events_are_billed_once_priced,
+    a_customer_that_cannot_be_rated_does_not_stop_the_run,
 );
 
 async fn setup(backend: Backend) -> TestApp {
@@ -483,4 +484,59 @@ async fn unpriced_events_are_billed_once_priced(backend: Backend) {
     let billed: Vec<Value> = invoices(&app, "?customer_id=c1").await;
     let total_events: i64 = billed.iter().map(|i| i["events"].as_i64().unwrap()).sum();
     assert_eq!(total_events, 2, "{billed:?}");
+}
+
+/// Regression: one customer that could not be rated (BRL, no USD→BRL rate) failed the whole
+/// run with 409, so every customer sorted after it went without an invoice (and the
+/// scheduler failed every minute). Each customer is billed in isolation; the failure is
+/// reported and alerted.
+async fn a_customer_that_cannot_be_rated_does_not_stop_the_run(backend: Backend) {
+    let app = setup(backend).await;
+    let (s, body) = app
+        .post(
+            "/v1/customers",
+            &json!({"id": "b0", "name": "Brasil", "currency": "BRL"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    app.backdate_customer("b0", "2026-11-01T00:00:00Z").await;
+    let brl = event(
+        "b1",
+        "b0",
+        json!({"timestamp": "2026-11-10T12:00:00Z", "input_tokens": 1_000_000, "output_tokens": 100_000}),
+    );
+    post_events(&app, vec![call("n1", "2026-11-10T12:00:00Z"), brl]).await;
+    let r = run(&app, "2026-12-01T02:00:00Z").await;
+    let finalized = r["finalized"].as_array().unwrap();
+    assert_eq!(finalized.len(), 1, "{r}");
+    assert_eq!(finalized[0]["customer_id"], "c1");
+    assert_eq!(finalized[0]["subtotal"], "26.92");
+    let failed = r["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{r}");
+    assert_eq!(failed[0]["customer_id"], "b0");
+    assert_eq!(failed[0]["code"], "conflict", "{r}");
+    assert!(
+        failed[0]["message"].as_str().unwrap().contains("BRL"),
+        "{r}"
+    );
+    let (_, alerts) = app.get("/v1/alerts").await;
+    assert!(
+        alerts["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "billing_failed" && a["customer_id"] == "b0"),
+        "{alerts}"
+    );
+    // Once the rate exists, the next run bills it.
+    let (s, body) = app
+        .post(
+            "/v1/fx-rates",
+            &json!({"currency": "BRL", "date": "2026-11-01", "rate": "5.0"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let r = run(&app, "2026-12-01T03:00:00Z").await;
+    assert_eq!(r["failed"], json!([]), "{r}");
+    assert_eq!(r["finalized"][0]["customer_id"], "b0", "{r}");
 }

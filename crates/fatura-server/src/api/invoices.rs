@@ -322,6 +322,19 @@ pub struct RunOut {
     pub refreshed: u64,
     /// Invoices finalised.
     pub finalized: Vec<InvoiceOut>,
+    /// Customers that could not be billed, each with why; every other customer was billed.
+    pub failed: Vec<BillingFailureOut>,
+}
+
+/// A customer a billing run could not bill.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BillingFailureOut {
+    /// The customer.
+    pub customer_id: String,
+    /// Kind of error: `conflict`, `invalid_request` or `not_found`.
+    pub code: String,
+    /// What is wrong (an operator alert `billing_failed` says the same).
+    pub message: String,
 }
 
 /// Runs billing now (what the scheduler does): closes due cycles into drafts and finalises
@@ -336,7 +349,7 @@ pub async fn run_billing(
     query: Result<Query<RunQuery>, QueryRejection>,
 ) -> Result<ApiJson<RunOut>, ApiError> {
     let Query(q) = query?;
-    let at = instant("at", q.at.as_deref())?.unwrap_or_else(Utc::now);
+    let at = instant("at", q.at.as_deref())?.unwrap_or_else(|| state.fatura.now());
     let report = state.scheduler().run_billing(at).await?;
     let finalized = report
         .finalized
@@ -347,6 +360,15 @@ pub async fn run_billing(
         drafted: report.drafted,
         refreshed: report.refreshed,
         finalized,
+        failed: report
+            .failed
+            .into_iter()
+            .map(|f| BillingFailureOut {
+                customer_id: f.customer_id,
+                code: f.code.into(),
+                message: f.message,
+            })
+            .collect(),
     }))
 }
 
