@@ -299,7 +299,7 @@ fn spawn_server_with(
     let child = Command::new(BIN)
         .args(args)
         .current_dir(dir)
-        .env("FATURA_CLI_TEST_UPSTREAM_KEY", "sk-cli-upstream")
+        .env(common::serve::UPSTREAM_KEY_ENV, common::UPSTREAM_KEY)
         .env("FATURA_ADMIN_KEY", ADMIN)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -578,35 +578,12 @@ fn a_cli_billing_run_beside_serve_leaves_the_servers_wallets_right() {
         .enable_all()
         .build()
         .unwrap();
-    let mock = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(fatura_server::mock::serve_mock(
-            listener,
-            fatura_server::mock::MockConfig {
-                api_key: Some("sk-cli-upstream".into()),
-                ..Default::default()
-            },
-            std::future::pending(),
-        ));
-        addr
-    });
+    let mock = rt.block_on(common::serve::mock_upstream());
     std::fs::write(
         d.join("fatura.toml"),
         format!(
-            r#"database_url = "sqlite://fatura.db"
-[billing]
-run_every_seconds = 0
-[gateway]
-[[gateway.upstreams]]
-name = "primary"
-kind = "openai"
-base_url = "http://{mock}/v1"
-api_key_env = "FATURA_CLI_TEST_UPSTREAM_KEY"
-[[gateway.routes]]
-models = ["*"]
-upstreams = ["primary"]
-"#
+            "database_url = \"sqlite://fatura.db\"\n{}",
+            common::serve::gateway_config(&mock, "", "[billing]\nrun_every_seconds = 0")
         ),
     )
     .unwrap();
@@ -628,10 +605,11 @@ upstreams = ["primary"]
             .bearer_auth(ADMIN)
     };
     let key: Value = rt.block_on(async {
-        let catalog = json!({"data": [{"id": "flat", "pricing": {"prompt": "0", "completion": "0.0013"}}]});
+        let catalog =
+            json!({"data": [{"id": "flat", "pricing": {"prompt": "0", "completion": "0.0013"}}]});
         let r = admin(
             reqwest::Method::POST,
-            "/v1/prices/import?format=openrouter&provider=openai&effective_from=2020-01-01T00:00:00Z",
+            "/v1/prices/import?format=openrouter&effective_from=2020-01-01T00:00:00Z",
         )
         .body(catalog.to_string())
         .send()
@@ -657,7 +635,11 @@ upstreams = ["primary"]
                 json!({"amount": "1.00", "currency": "USD", "kind": "purchased"}),
             ),
         ] {
-            let r = admin(reqwest::Method::POST, path).json(&body).send().await.unwrap();
+            let r = admin(reqwest::Method::POST, path)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 201, "{path}: {}", r.text().await.unwrap());
         }
         let r = admin(reqwest::Method::PATCH, "/v1/customers/pre")
