@@ -19,10 +19,13 @@ use serde::{Deserialize, Serialize};
 use super::pricing::rate_events;
 use super::{Fatura, ServiceError, ServiceResult, random_hex};
 
-/// An invoice status given as text (a query parameter), or `Invalid`.
-pub fn parse_invoice_status(s: &str) -> ServiceResult<InvoiceStatus> {
-    s.parse()
-        .map_err(|_| ServiceError::Invalid("status: must be draft, open, paid or void".into()))
+/// An invoice status given as text (a query parameter, when present), or `Invalid`.
+pub fn parse_invoice_status(s: Option<&str>) -> ServiceResult<Option<InvoiceStatus>> {
+    s.map(|s| {
+        s.parse()
+            .map_err(|_| ServiceError::Invalid("status: must be draft, open, paid or void".into()))
+    })
+    .transpose()
 }
 
 /// Billing settings of a customer as a cycle specification.

@@ -175,10 +175,7 @@ pub async fn invoices_csv(
         .fatura
         .invoices(
             customer.as_deref(),
-            q.status
-                .as_deref()
-                .map(crate::service::parse_invoice_status)
-                .transpose()?,
+            crate::service::parse_invoice_status(q.status.as_deref())?,
         )
         .await?;
     let mut out = String::from(

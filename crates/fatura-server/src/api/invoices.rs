@@ -162,10 +162,7 @@ pub async fn list_invoices(
         .fatura
         .invoices(
             customer.as_deref(),
-            q.status
-                .as_deref()
-                .map(crate::service::parse_invoice_status)
-                .transpose()?,
+            crate::service::parse_invoice_status(q.status.as_deref())?,
         )
         .await?;
     let operator = matches!(caller, Caller::Admin);
